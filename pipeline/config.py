@@ -1,0 +1,323 @@
+"""Typed recipes: one YAML file per experiment, validated before any work starts.
+
+A recipe has the sections model, diffusion, data, train, eval, hub and run. Every field is
+typed; an unknown key, a wrong type or a bad value raises `RecipeError` naming the file, the
+dotted key and the closest valid key. Command-line overrides are dotted `section.key=value`
+strings whose values are parsed as YAML (`train.lr=1e-4`, `model.ch_mult=[1,2]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. Entry points print the message and exit 2."""
+
+
+@dataclass
+class ModelConfig:
+    # A preset of pipeline.unet.PRESETS; the fields below override it when set.
+    preset: Optional[str] = None
+    resolution: Optional[int] = None
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    ch: Optional[int] = None
+    ch_mult: Optional[tuple[int, ...]] = None
+    num_res_blocks: Optional[int] = None
+    attn_resolutions: Optional[tuple[int, ...]] = None
+    dropout: Optional[float] = None
+
+    def unet_kwargs(self) -> dict:
+        from pipeline.unet import PRESETS
+
+        kwargs = dict(PRESETS[self.preset]) if self.preset else {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "preset" and value is not None:
+                kwargs[f.name] = value
+        if "resolution" not in kwargs:
+            raise RecipeError("model: set model.preset or model.resolution")
+        return kwargs
+
+    def build(self, **overrides):
+        from pipeline.unet import UNet
+
+        return UNet(**{**self.unet_kwargs(), **overrides})
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    mean_type: Literal["eps", "x0", "mu"] = "eps"
+    var_type: Literal["fixed_small", "fixed_large"] = "fixed_large"
+    loss_type: Literal["simple", "vlb", "mu_mse"] = "simple"
+
+    def build(self):
+        from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+
+        betas = linear_beta_schedule(self.timesteps, self.beta_start, self.beta_end)
+        return GaussianDiffusion(
+            betas, mean_type=self.mean_type, var_type=self.var_type, loss_type=self.loss_type
+        )
+
+
+@dataclass
+class DataConfig:
+    # A shard directory holding manifest.json, or the manifest file itself.
+    shards: str = ""
+    split: str = "train"
+    random_flip: bool = True  # the paper flips every data set but LSUN cat
+    num_workers: int = 2
+    max_corrupt: int = 10  # corrupt samples tolerated before the loader stops
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 128
+    micro_batch_size: Optional[int] = None  # per process; None = global / world size
+    max_steps: int = 800_000
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    grad_clip: float = 1.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    sample_every: int = 10_000
+    sample_count: int = 16
+    max_nonfinite: int = 10  # consecutive non-finite losses before stopping
+    init_from: Optional[str] = None  # checkpoint dir, safetensors file or Hub id (fine-tuning)
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 50_000
+    batch_size: int = 256
+    sampler: Literal["ancestral", "ddim"] = "ancestral"
+    ddim_steps: int = 50
+    var_type: Optional[Literal["fixed_small", "fixed_large"]] = None  # None = diffusion.var_type
+    fid_reference: Optional[str] = None  # shard dir; None = data.shards (training split)
+    nll_split: str = "test"
+    nll_batch_size: int = 64
+    nll_t_batch: int = 10  # time steps per model call in calc_bpd
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    seed: int = 0
+
+
+@dataclass
+class HubConfig:
+    repo_id: Optional[str] = None
+    private: bool = False
+    revision: Optional[str] = None
+    format: Literal["native", "diffusers"] = "native"
+    push_after_eval: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs/run"
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "<recipe>") -> "Recipe":
+        recipe = _build(cls, d, source, prefix="")
+        _check_values(recipe, source)
+        return recipe
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply dotted overrides and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        _apply_override(data, item, str(path))
+    return Recipe.from_dict(data, source=str(path))
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    """Write the resolved recipe atomically (tmp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
+    """Fail before any work when the data the recipe names is not there."""
+    shards = recipe.data.shards
+    if not shards:
+        raise RecipeError(f"{source}: data.shards is not set")
+    p = Path(shards)
+    manifest = p / "manifest.json" if p.is_dir() else p
+    if not manifest.is_file():
+        raise RecipeError(f"{source}: data.shards: no manifest.json at '{shards}' (run data_prep first)")
+
+
+def _apply_override(data: dict, item: str, source: str) -> None:
+    if "=" not in item:
+        raise RecipeError(f"{source}: override '{item}' is not of the form section.key=value")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise RecipeError(f"{source}: override key '{key}' must be section.key, e.g. train.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise RecipeError(f"{source}: '{parts[0]}' is not a section")
+    section[parts[1]] = value
+
+
+def _closest(name: str, choices: typing.Iterable[str], prefix: str) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
+
+
+def _build(cls, d: Any, source: str, prefix: str):
+    where = prefix.rstrip(".") or "recipe"
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise RecipeError(f"{source}: '{where}' must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            raise RecipeError(
+                f"{source}: unknown key '{prefix}{key}'{_closest(str(key), fields, prefix)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, source, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, source, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    """Check `value` against a type hint; return it in the hinted form (lists -> tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, source, key)
+            except RecipeError:
+                pass
+        raise RecipeError(f"{source}: {key}: expected {_name(hint)}, got {value!r}")
+    if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            value = "no"
+        if value not in args:
+            options = ", ".join(repr(a) for a in args)
+            raise RecipeError(f"{source}: {key}: {value!r} is not one of {options}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{source}: {key}: expected a list, got {value!r}")
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise RecipeError(f"{source}: {key}: expected {len(item_types)} items, got {len(value)}")
+        return tuple(_coerce(v, t, source, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (bool, str) and isinstance(value, hint):
+        return value
+    raise RecipeError(f"{source}: {key}: expected {_name(hint)}, got {value!r}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check_values(r: Recipe, source: str) -> None:
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise RecipeError(f"{source}: {key}: {what}")
+
+    if r.model.preset is not None:
+        from pipeline.unet import PRESETS
+
+        need(
+            r.model.preset in PRESETS,
+            "model.preset",
+            f"unknown preset '{r.model.preset}'{_closest(r.model.preset, PRESETS, '')}; "
+            f"choose one of {', '.join(PRESETS)}",
+        )
+    else:
+        need(r.model.resolution is not None, "model.resolution", "set it, or set model.preset")
+    need(r.diffusion.timesteps > 0, "diffusion.timesteps", "must be positive")
+    need(0 < r.diffusion.beta_start < r.diffusion.beta_end < 1, "diffusion.beta_end",
+         "need 0 < beta_start < beta_end < 1")
+    t = r.train
+    need(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
+    need(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    need(t.max_steps > 0, "train.max_steps", "must be positive")
+    need(t.lr > 0, "train.lr", "must be positive")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
+    need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
+    need(r.hub.repo_id is None or r.hub.repo_id.count("/") == 1, "hub.repo_id", "must be 'namespace/name'")
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, so the YAML we write is plain and loads back to the same recipe."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
