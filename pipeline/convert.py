@@ -1,0 +1,171 @@
+"""Weights and configs between our `pipeline.unet.UNet` and diffusers' `UNet2DModel`.
+
+The paper's model is a `UNet2DModel` with `freq_shift=1`, `flip_sin_to_cos=False` (the
+original's embedding [sin, cos] with frequencies exp(-log(10000) i / (half - 1))),
+`downsample_padding=0` (TF 'SAME' padding of a stride-2 conv: one pixel bottom/right),
+GroupNorm(32, eps 1e-6), a single attention head and `AttnDownBlock2D` / `AttnUpBlock2D` at the
+resolutions with attention. diffusers is not imported here: this is pure key/shape mapping.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
+           "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_RESNET_BACK = {v: k for k, v in _RESNET.items()}
+_FIXED = {"temb_dense0": "time_embedding.linear_1", "temb_dense1": "time_embedding.linear_2",
+          "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out",
+          "mid_block_1": "mid_block.resnets.0", "mid_block_2": "mid_block.resnets.1",
+          "mid_attn_1": "mid_block.attentions.0"}
+_FIXED_BACK = {v: k for k, v in _FIXED.items()}
+
+
+def _attn_to_diffusers(prefix: str, rest: str, value: torch.Tensor, out: dict) -> None:
+    name, param = rest.rsplit(".", 1)
+    if name == "qkv":  # our fused q/k/v projection -> to_q, to_k, to_v
+        for part, chunk in zip(("to_q", "to_k", "to_v"), value.chunk(3, dim=0)):
+            out[f"{prefix}.{part}.{param}"] = chunk.clone()
+    else:
+        out[f"{prefix}.{ {'norm': 'group_norm', 'proj_out': 'to_out.0'}[name] }.{param}"] = value
+
+
+def to_diffusers(state_dict: dict) -> dict:
+    """Our UNet state_dict -> a diffusers `UNet2DModel` state_dict (same tensors, renamed)."""
+    out: dict = {}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"(down|up)\.(\d+)\.(block|attn|resample)\.(\d+\.)?(.+)", key)
+        if m:
+            side, i, kind, j, rest = m.groups()
+            blocks = f"{side}_blocks.{i}"
+            if kind == "block":
+                name, param = rest.split(".", 1)
+                out[f"{blocks}.resnets.{j[:-1]}.{_RESNET[name]}.{param}"] = value
+            elif kind == "attn":
+                _attn_to_diffusers(f"{blocks}.attentions.{j[:-1]}", rest, value, out)
+            else:
+                sampler = "downsamplers" if side == "down" else "upsamplers"
+                out[f"{blocks}.{sampler}.0.{rest}"] = value
+            continue
+        head, rest = key.split(".", 1)
+        if head not in _FIXED:
+            raise KeyError(f"to_diffusers: unexpected key {key!r}")
+        if head == "mid_attn_1":
+            _attn_to_diffusers(_FIXED[head], rest, value, out)
+        elif head.startswith("mid_block"):
+            name, param = rest.split(".", 1)
+            out[f"{_FIXED[head]}.{_RESNET[name]}.{param}"] = value
+        else:
+            out[f"{_FIXED[head]}.{rest}"] = value
+    return out
+
+
+def from_diffusers(state_dict: dict) -> dict:
+    """A diffusers `UNet2DModel` state_dict (the paper's layout) -> our UNet state_dict."""
+    out: dict = {}
+    qkv: dict = {}  # our attention prefix -> {param: {q/k/v: tensor}}
+    for key, value in state_dict.items():
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                         r"\.(\d+)\.(.+)", key)
+        mm = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+        if m:
+            side, i, kind, j, rest = m.groups()
+            prefix = f"{side}.{i}." + {"resnets": f"block.{j}", "attentions": f"attn.{j}"}.get(
+                kind, "resample")
+        elif mm:
+            kind, j, rest = mm.groups()
+            prefix = {("resnets", "0"): "mid_block_1", ("resnets", "1"): "mid_block_2",
+                      ("attentions", "0"): "mid_attn_1"}[(kind, j)]
+        else:
+            name, param = key.rsplit(".", 1)
+            if name not in _FIXED_BACK:
+                raise KeyError(f"from_diffusers: unexpected key {key!r}")
+            out[f"{_FIXED_BACK[name]}.{param}"] = value
+            continue
+        name, param = rest.rsplit(".", 1)
+        if kind == "resnets":
+            out[f"{prefix}.{_RESNET_BACK[name]}.{param}"] = value
+        elif kind == "attentions":
+            if name in ("to_q", "to_k", "to_v"):
+                qkv.setdefault(prefix, {}).setdefault(param, {})[name] = value
+            else:
+                out[f"{prefix}.{ {'group_norm': 'norm', 'to_out.0': 'proj_out'}[name] }.{param}"] = value
+        else:
+            out[f"{prefix}.{rest}"] = value
+    for prefix, params in qkv.items():
+        for param, parts in params.items():
+            out[f"{prefix}.qkv.{param}"] = torch.cat([parts["to_q"], parts["to_k"], parts["to_v"]])
+    return out
+
+
+def diffusers_config(unet_kwargs: dict) -> dict:
+    """`UNet(**unet_kwargs)` -> the kwargs of the equivalent diffusers `UNet2DModel`."""
+    from pipeline.unet import GN_EPS, GN_GROUPS
+
+    k = {**{p: v.default for p, v in _unet_defaults().items()}, **unet_kwargs}
+    ch_mult, attn = tuple(k["ch_mult"]), tuple(k["attn_resolutions"])
+    res = [k["resolution"] // 2 ** i for i in range(len(ch_mult))]
+    down = ["AttnDownBlock2D" if r in attn else "DownBlock2D" for r in res]
+    up = ["AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(res)]
+    return dict(
+        sample_size=k["resolution"], in_channels=k["in_channels"], out_channels=k["out_channels"],
+        center_input_sample=False, time_embedding_type="positional", freq_shift=1,
+        flip_sin_to_cos=False, down_block_types=tuple(down), mid_block_type="UNetMidBlock2D",
+        up_block_types=tuple(up), block_out_channels=tuple(k["ch"] * m for m in ch_mult),
+        layers_per_block=k["num_res_blocks"], mid_block_scale_factor=1, downsample_padding=0,
+        downsample_type="conv", upsample_type="conv", dropout=float(k["dropout"]), act_fn="silu",
+        attention_head_dim=None, norm_num_groups=GN_GROUPS, norm_eps=GN_EPS,
+        resnet_time_scale_shift="default", add_attention=True,
+    )
+
+
+def _unet_defaults():
+    import inspect
+
+    from pipeline.unet import UNet
+
+    return {n: p for n, p in inspect.signature(UNet.__init__).parameters.items()
+            if n != "self" and p.default is not inspect.Parameter.empty}
+
+
+def unet_kwargs_from_diffusers(config: dict) -> dict:
+    """A diffusers `UNet2DModel` config -> `UNet` kwargs; ValueError if it is not the DDPM layout."""
+    from pipeline.unet import GN_EPS, GN_GROUPS
+
+    expect = dict(freq_shift=1, flip_sin_to_cos=False, downsample_padding=0, act_fn="silu",
+                  norm_num_groups=GN_GROUPS, resnet_time_scale_shift="default",
+                  time_embedding_type="positional", mid_block_scale_factor=1,
+                  center_input_sample=False, add_attention=True, class_embed_type=None,
+                  mid_block_type="UNetMidBlock2D", downsample_type="conv", upsample_type="conv")
+    for key, want in expect.items():
+        if key in config and config[key] != want:
+            raise ValueError(f"diffusers config: {key}={config[key]!r}, the DDPM U-Net needs {want!r}")
+    if abs(float(config.get("norm_eps", GN_EPS)) - GN_EPS) > 1e-12:
+        raise ValueError(f"diffusers config: norm_eps={config['norm_eps']!r}, the DDPM U-Net needs {GN_EPS}")
+    chans = list(config["block_out_channels"])
+    ch = chans[0]
+    if any(c % ch for c in chans):
+        raise ValueError(f"diffusers config: block_out_channels={chans} are not multiples of {ch}")
+    head = config.get("attention_head_dim")
+    if head is not None and any(h != c for h, c in zip(_as_list(head, len(chans)), chans)):
+        raise ValueError(f"diffusers config: attention_head_dim={head!r}; the DDPM U-Net has one "
+                         f"head (None or equal to the channels)")
+    size = config["sample_size"]
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    attn = tuple(size // 2 ** i for i, b in enumerate(down) if b == "AttnDownBlock2D")
+    want_up = ["AttnUpBlock2D" if size // 2 ** i in attn else "UpBlock2D"
+               for i in reversed(range(len(down)))]
+    if any(b not in ("DownBlock2D", "AttnDownBlock2D") for b in down) or up != want_up:
+        raise ValueError(f"diffusers config: down_block_types={down}, up_block_types={up} "
+                         f"are not the DDPM layout")
+    return dict(resolution=size, in_channels=config.get("in_channels", 3),
+                out_channels=config.get("out_channels", 3), ch=ch,
+                ch_mult=tuple(c // ch for c in chans), num_res_blocks=config["layers_per_block"],
+                attn_resolutions=attn, dropout=float(config.get("dropout", 0.0)))
+
+
+def _as_list(x, n):
+    return list(x) if isinstance(x, (list, tuple)) else [x] * n
