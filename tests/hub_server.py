@@ -290,8 +290,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(403, f"You don't have the rights to create a repo under '{repo_id.split('/')[0]}'")
         private = p.get("visibility", "public") == "private" or bool(p.get("private"))
         with st.lock:
-            if (rtype, repo_id) in st.repos:
-                raise HubError(409, "You already created this model repo", headers={})
+            if (rtype, repo_id) in st.repos:  # the Hub's 409 still carries the url (exist_ok reads it)
+                self._json({"error": "You already created this model repo", "url": f"{hub.endpoint}/{repo_id}"}, 409,
+                           {"X-Error-Message": "You already created this model repo"})
+                return 409
             repo = Repo(repo_id, rtype, user, private)
             st.repos[(rtype, repo_id)] = repo
             # Like the Hub, a new repo starts with one commit holding .gitattributes.

@@ -1,0 +1,177 @@
+"""The README.md model card of a pushed checkpoint: Hub metadata + what a reader needs to trust it.
+
+The YAML header is built with huggingface_hub's `ModelCardData` / `EvalResult`, so `model-index`
+has the shape the Hub (and `ModelCard.load(...).data.eval_results`) expects. The body reports every
+metric of results.json together with its exact protocol, the training command, data set and
+preprocessing, hardware and steps, the weights' sha256, and how to load the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASK = "unconditional-image-generation"
+# run/preset names -> (dataset id, display name)
+_DATASETS = {
+    "cifar10": ("cifar10", "CIFAR-10"),
+    "celebahq": ("celeba-hq", "CelebA-HQ 256x256"),
+    "lsun_bedroom": ("lsun-bedroom", "LSUN Bedroom"),
+    "lsun_church": ("lsun-church", "LSUN Church"),
+    "lsun_cat": ("lsun-cat", "LSUN Cat"),
+    "quickstart": ("quickstart", "quickstart photos (scikit-image)"),
+}
+# how metrics are named in model-index (type, display name)
+_METRIC_NAMES = {"fid": ("fid", "FID"), "is": ("inception_score", "Inception Score"),
+                 "is_mean": ("inception_score", "Inception Score"), "bpd": ("bits_per_dim", "NLL (bits/dim)")}
+
+
+def _dataset(recipe) -> tuple[str, str]:
+    keys = [recipe.run.name or "", recipe.data.shards or "", recipe.model.preset or ""]
+    for key in keys:
+        norm = key.lower().replace("-", "_")
+        for k, v in _DATASETS.items():
+            if k in norm:
+                return v
+    name = Path(recipe.data.shards).name if recipe.data.shards else "unknown"
+    return name, name
+
+
+def _manifest(recipe) -> dict:
+    p = Path(recipe.data.shards or "")
+    p = p / "manifest.json" if p.is_dir() else p
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def metric_rows(results: dict | None) -> list[tuple[str, str, float, dict]]:
+    """(evaluation, metric, value, protocol) for every numeric metric in results.json (schema 1)."""
+    rows = []
+    for name, ev in ((results or {}).get("evaluations") or {}).items():
+        for metric, value in (ev.get("metrics") or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                rows.append((name, metric, float(value), ev.get("protocol") or {}))
+    return rows
+
+
+def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str = "native",
+                      step: int | None = None, weights_sha256: str = "", parameters: int | None = None,
+                      command: str | None = None, files: list[str] = (), trainer_state: dict | None = None) -> str:
+    from huggingface_hub import EvalResult, ModelCardData
+
+    ds_id, ds_name = _dataset(recipe)
+    rows = metric_rows(results)
+    evals = []
+    for name, metric, value, protocol in rows:
+        mtype, mname = _METRIC_NAMES.get(metric, (metric, metric))
+        split = protocol.get("split") or ("test" if name == "nll" else "train")
+        evals.append(EvalResult(task_type=TASK, dataset_type=ds_id, dataset_name=ds_name, dataset_split=str(split),
+                                metric_type=mtype, metric_value=value, metric_name=f"{mname} ({name})"))
+    data = ModelCardData(
+        library_name="diffusers" if format == "diffusers" else "ddpm-pipeline",
+        pipeline_tag=TASK,
+        tags=["ddpm", "diffusion", "unconditional-image-generation", "pytorch", "safetensors"]
+        + (["diffusers:UNet2DModel"] if format == "diffusers" else []),
+        datasets=[ds_id],
+        model_name=repo_id,
+        eval_results=evals or None,
+    )
+    ts = trainer_state or {}
+    out = ["---", data.to_yaml(), "---", "", f"# {repo_id.split('/')[-1]}", ""]
+    out += [f"A denoising diffusion probabilistic model (Ho, Jain, Abbeel 2020, "
+            f"[arXiv:2006.11239](https://arxiv.org/abs/2006.11239)) trained on **{ds_name}** at "
+            f"{recipe.model.unet_kwargs()['resolution']}x{recipe.model.unet_kwargs()['resolution']} with "
+            f"ddpm-pipeline. The weights are the EMA weights (decay {recipe.train.ema_decay})"
+            + (f" after {step:,} steps." if step is not None else "."), ""]
+    out += _results_section(rows, results)
+    out += _training_section(recipe, step, ts, command, _manifest(recipe))
+    out += _model_section(recipe, parameters, weights_sha256)
+    out += _load_section(repo_id, format)
+    if files:
+        out += ["## Files", ""] + [f"- `{f}`" for f in files] + [""]
+    out += ["## Citation", "", "```bibtex", "@inproceedings{ho2020denoising,",
+            "  title={Denoising Diffusion Probabilistic Models},",
+            "  author={Ho, Jonathan and Jain, Ajay and Abbeel, Pieter},",
+            "  booktitle={Advances in Neural Information Processing Systems}, year={2020}", "}", "```", ""]
+    return "\n".join(out)
+
+
+def _results_section(rows, results) -> list[str]:
+    if not rows:
+        return ["## Results", "", "Not evaluated yet: no results.json was pushed with these weights.", ""]
+    out = ["## Results", "", "| evaluation | metric | value |", "|---|---|---|"]
+    out += [f"| {name} | {metric} | {value:.6g} |" for name, metric, value, _ in rows]
+    out += ["", "### Exactly how they were computed", ""]
+    for name, ev in (results.get("evaluations") or {}).items():
+        out += [f"**{name}** ({ev.get('created', 'date unknown')}):", "", "```yaml",
+                yaml.safe_dump(ev.get("protocol") or {}, sort_keys=True).rstrip(), "```", ""]
+    ck = results.get("checkpoint") or {}
+    if ck:
+        out += [f"Evaluated checkpoint: `{ck.get('source', '?')}`, weights sha256 (`eval.results.weights_sha256`) "
+                f"`{ck.get('weights_sha256', '?')}`.", ""]
+    if results.get("versions"):
+        out += ["Software: " + ", ".join(f"{k} {v}" for k, v in sorted(results["versions"].items())) + ".", ""]
+    return out
+
+
+def _training_section(recipe, step, ts: dict, command: str | None, manifest: dict) -> list[str]:
+    t, d = recipe.train, recipe.diffusion
+    cmd = command or ts.get("command") or "accelerate launch pipeline/train.py config.yaml"
+    if isinstance(cmd, list):
+        cmd = " ".join(cmd)
+    out = ["## Training", "", "Command (the resolved recipe is `config.yaml` in this repo):", "", "```bash", cmd, "```", ""]
+    out += ["Data set and preprocessing:", ""]
+    if manifest:
+        counts = manifest.get("counts") or manifest.get("splits") or {}
+        out.append(f"- source: {manifest.get('source', '?')}; resolution {manifest.get('resolution', '?')}; "
+                   f"samples per split: {json.dumps(counts)}")
+    out += [f"- images scaled to [-1, 1]; random horizontal flip: {'yes' if recipe.data.random_flip else 'no'}",
+            "- LSUN / CelebA-HQ: centre crop to the short side, antialiased resize (as in the original code)", ""]
+    world = ts.get("world_size") or ts.get("num_processes")
+    hw = ts.get("hardware") or ts.get("device")
+    out += ["Optimisation and hardware:", "",
+            f"- steps: {step if step is not None else '?'} of {t.max_steps}; global batch {t.global_batch_size}; "
+            f"Adam lr {t.lr} (warmup {t.warmup_steps}), eps {t.adam_eps}; grad clip {t.grad_clip}; "
+            f"EMA {t.ema_decay}; precision {t.mixed_precision}; seed {t.seed}",
+            f"- diffusion: T={d.timesteps}, linear betas {d.beta_start}..{d.beta_end}, predicts {d.mean_type}, "
+            f"sampling variance {d.var_type}, loss {d.loss_type}",
+            f"- hardware: {hw or 'not recorded'}" + (f"; {world} processes" if world else ""), ""]
+    return out
+
+
+def _model_section(recipe, parameters, sha) -> list[str]:
+    kw = recipe.model.unet_kwargs()
+    out = ["## Model", "", "U-Net: " + ", ".join(f"{k}={v}" for k, v in kw.items())]
+    if parameters:
+        out[-1] += f" ({parameters:,} parameters)"
+    if sha:
+        out += ["", f"Weights file sha256: `{sha}`"]
+    return out + [""]
+
+
+def _load_section(repo_id: str, format: str) -> list[str]:
+    out = ["## How to load", "", "With ddpm-pipeline (any revision, our or diffusers' layout):", "", "```python",
+           "from pipeline.hub import load_pretrained", "import torch", "",
+           f'p = load_pretrained("{repo_id}")  # .model (U-Net), .diffusion, .recipe',
+           "x = p.diffusion.p_sample_loop(p.model, (16, 3, p.recipe.model.unet_kwargs()['resolution'],"
+           " p.recipe.model.unet_kwargs()['resolution']), generator=torch.Generator().manual_seed(0))", "```", "",
+           "Sample or evaluate from the command line:", "", "```bash",
+           f"python -m eval sample {repo_id} --out samples/", f"python -m eval fid {repo_id} --out eval/", "```", ""]
+    if format == "diffusers":
+        out += ["With diffusers:", "", "```python", "from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel",
+                "", f'unet = UNet2DModel.from_pretrained("{repo_id}")',
+                f'scheduler = DDPMScheduler.from_pretrained("{repo_id}")',
+                "images = DDPMPipeline(unet=unet, scheduler=scheduler)(batch_size=4).images", "```", ""]
+    return out
+
+
+def card_metadata(text: str) -> dict[str, Any]:
+    """The YAML header of a model card (for tests and tools)."""
+    if not text.startswith("---"):
+        return {}
+    return yaml.safe_load(text.split("---", 2)[1]) or {}

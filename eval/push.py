@@ -1,0 +1,58 @@
+"""`python -m eval push SRC --repo-id NAMESPACE/NAME`: a checkpoint to the Hub, in one commit."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+EPILOG = """\
+what is pushed (one commit, so the repo never shows half a checkpoint):
+  native     ema.safetensors, config.yaml (resolved recipe), config.json (model description)
+  diffusers  diffusion_pytorch_model.safetensors + config.json (UNet2DModel),
+             scheduler_config.json (DDPMScheduler), config.yaml
+  both       results.json of the evaluation, sample grids, README.md model card
+
+The token comes from HF_TOKEN or `hf auth login`; it is checked before anything is uploaded.
+HF_ENDPOINT selects another Hub-compatible server. Transient HTTP errors (5xx, resets) are
+retried with exponential backoff; a push that still fails commits nothing.
+Load it back anywhere a path is accepted:  python -m eval fid NAMESPACE/NAME --out DIR
+"""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "push", help="push a checkpoint (EMA weights, recipe, results, card) to the Hugging Face Hub",
+        description="Push a run directory (its newest complete checkpoint), a checkpoint directory "
+        "or a .safetensors file (config.yaml beside it) to a Hub model repo, with a model card.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="run directory, checkpoint directory or .safetensors file")
+    p.add_argument("--repo-id", required=True, help="namespace/name of the Hub model repo (created if missing)")
+    p.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--format", choices=("native", "diffusers"), default="native",
+                   help="native: our layout; diffusers: UNet2DModel.from_pretrained loads it")
+    p.add_argument("--results", default=None,
+                   help="results.json to publish (default: the checkpoint's or the run's results.json)")
+    p.add_argument("--samples", nargs="*", default=None,
+                   help="sample grid images to include (default: the run's grid for this checkpoint)")
+    p.add_argument("--command", default=None, help="training command for the card (default: from the checkpoint)")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--max-retries", type=int, default=5, help="retries on transient HTTP errors (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pipeline.hub import PushError, push_to_hub
+
+    try:
+        out = push_to_hub(args.src, args.repo_id, revision=args.revision, private=args.private, format=args.format,
+                          results=args.results, samples=args.samples or (), command=args.command,
+                          commit_message=args.message, max_retries=args.max_retries)
+    except PushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if "push failed" not in str(e) else 1
+    print(f"pushed {len(out['files'])} files to {out['repo_id']}@{out['revision']} as commit {out['commit']}")
+    print(f"load it with: python -m eval sample {shlex.quote(out['repo_id'])}"
+          + (f" --revision {shlex.quote(out['revision'])}" if out["revision"] != "main" else "") + " --out DIR")
+    return 0
