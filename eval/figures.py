@@ -1,0 +1,198 @@
+"""`eval figures`: the paper's Figs. 5, 6 and 8, as PNG files plus their numbers as JSON.
+
+Fig. 5  rate-distortion of progressive lossy decoding (Sec. 4.3, Algorithms 3-4): after the
+        receiver has x_T (the prior, L_T bits) and the reverse steps down to x_t, the rate is
+        L_T + sum of the KL terms sent so far, and the distortion is the RMSE (on [0, 255]) of
+        the x_0 predicted from x_t (eq. 15). Both come from one `calc_bpd` pass over test images.
+Fig. 6  progressive generation: the predicted x_0 along one ancestral sampling run (Algorithm 2).
+Fig. 8  interpolation: two test images encoded to x_t ~ q(x_t | x_0) at t = 500, the latents
+        mixed linearly with several lambda and decoded by the reverse process (noise shared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.common import EvalError, Precision, accelerator, add_model_args, generators, load_model, to_uint8
+from eval.results import weights_sha256, write_result
+from eval.sample import save_grid
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _savefig(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, seed: int = 0) -> dict:
+    """Fig. 5 numbers, averaged over the images x0 ([N, 3, H, W] on the 8-bit grid in [-1, 1]).
+
+    Index k = number of reverse steps taken, 0..T. After k steps the receiver holds x_t with
+    0-based t = T-1-k (k < T): rate = L_T + sum_{i > t} L_i (bits/dim; terms_bpd[:, i] = L_i, the
+    cost of the paper's x_i given x_{i+1}), distortion = RMSE of pred_x0(x_t). At k = T the image
+    is decoded losslessly: rate = the full bound, distortion 0.
+    """
+    T = diffusion.num_timesteps
+    with torch.inference_mode():
+        r = diffusion.calc_bpd(model, x0, generator=generators(seed, range(len(x0)), x0.device), t_batch=t_batch)
+    terms, prior = r["terms_bpd"].double().cpu(), r["prior_bpd"].double().cpu()
+    mse = r["mse"].double().cpu()  # of pred_x0 on [-1, 1]
+    # rate at t: prior + sum_{i >= t+1} terms[:, i]  (reverse cumulative sum, shifted by one)
+    tail = torch.flip(torch.cumsum(torch.flip(terms, [1]), 1), [1])  # tail[:, i] = sum_{j >= i}
+    rate_t = prior[:, None] + torch.cat([tail[:, 1:], torch.zeros(len(x0), 1, dtype=tail.dtype)], 1)
+    rmse_t = mse.sqrt() * 127.5  # [-1, 1] -> [0, 255] scale
+    ts = torch.arange(T - 1, -1, -1)  # k = 0 .. T-1
+    rate = torch.cat([rate_t[:, ts], (prior + terms.sum(1))[:, None]], 1).mean(0)
+    dist = torch.cat([rmse_t[:, ts], torch.zeros(len(x0), 1, dtype=rmse_t.dtype)], 1).mean(0)
+    return {"reverse_steps": list(range(T + 1)), "rate_bpd": rate.tolist(), "rmse_0_255": dist.tolist(),
+            "num_images": len(x0), "total_bpd": float((prior + terms.sum(1)).mean())}
+
+
+def plot_rate_distortion(rd: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
+    steps, rate, dist = rd["reverse_steps"], rd["rate_bpd"], rd["rmse_0_255"]
+    ax[0].plot(steps, dist)
+    ax[0].set(xlabel="Reverse process steps (T - t)", ylabel="Distortion (RMSE [0, 255])")
+    ax[1].plot(steps, rate)
+    ax[1].set(xlabel="Reverse process steps (T - t)", ylabel="Rate (bits/dim)")
+    ax[2].plot(rate, dist)
+    ax[2].set(xlabel="Rate (bits/dim)", ylabel="Distortion (RMSE [0, 255])")
+    fig.suptitle(f"Fig. 5: rate-distortion, {rd['num_images']} test images")
+    fig.tight_layout()
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, device="cpu") -> np.ndarray:
+    """Fig. 6: pred_x0 at the 0-based steps `show_t` along Algorithm 2; uint8 [N, len(show_t), H, W, C]."""
+    want = set(int(t) for t in show_t)
+    shots: dict[int, torch.Tensor] = {}
+
+    def grab(t, x_t, pred_x0):
+        if t in want:
+            shots[t] = pred_x0.detach().cpu()
+
+    with torch.inference_mode():
+        diffusion.p_sample_loop(model, shape, generator=generators(seed, range(shape[0]), device), callback=grab)
+    cols = [to_uint8(shots[t]) for t in sorted(want, reverse=True)]
+    return np.stack(cols, 1)
+
+
+def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 500, seed: int = 0) -> np.ndarray:
+    """Fig. 8: uint8 [N, 2 + L, H, W, C]: source a, the L decodings, source b."""
+    g = torch.Generator(device=x_a.device).manual_seed(seed)
+    with torch.inference_mode():
+        out = diffusion.interpolate(model, x_a, x_b, lambdas, t=t, generator=g)  # [N, L, C, H, W]
+    N, L = out.shape[:2]
+    mid = to_uint8(out.reshape(N * L, *out.shape[2:])).reshape(N, L, *to_uint8(x_a[:1]).shape[1:])
+    return np.concatenate([to_uint8(x_a)[:, None], mid, to_uint8(x_b)[:, None]], 1)
+
+
+def make_figures(loaded, shards: str, out: str | os.PathLike, *, split: str = "test", num_images: int = 8,
+                 t_batch: int = 10, seed: int = 0, n_progressive: int = 4, lambdas=None,
+                 interp_t: int = 500, which=("5", "6", "8"), device="cpu") -> dict:
+    from eval.nll import iter_float
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = loaded.diffusion
+    T = d.num_timesteps
+    model = Precision(loaded.model.to(device).eval(), "no", device)
+    need = max(num_images, 2 * 2)
+    xs, n = [], 0
+    for x in iter_float(shards, split, need):
+        xs.append(x)
+        n += len(x)
+        if n >= need:
+            break
+    x0 = torch.cat(xs)[:need].to(device) if xs else None
+    if x0 is None or len(x0) < 2:
+        raise EvalError(f"{shards}: the '{split}' split needs at least 2 images for the figures")
+    numbers = {}
+    if "5" in which:
+        rd = rate_distortion(d, model, x0[:num_images], t_batch=t_batch, seed=seed)
+        plot_rate_distortion(rd, out / "fig5_rate_distortion.png")
+        _write_json(out / "fig5_rate_distortion.json", rd)
+        numbers["fig5"] = {"total_bpd": rd["total_bpd"], "rate_bpd_at_end": rd["rate_bpd"][-1],
+                           "rmse_at_start": rd["rmse_0_255"][0], "rmse_before_last_step": rd["rmse_0_255"][-2]}
+    if "6" in which:
+        r = loaded.recipe.model.unet_kwargs()
+        shape = (n_progressive, r.get("in_channels", 3), r["resolution"], r["resolution"])
+        show = sorted({int(round(v)) for v in np.linspace(T - 1, 0, 10)}, reverse=True)
+        grid = progressive_generation(d, model, shape, show_t=show, seed=seed, device=device)
+        save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig6_progressive.png", ncol=len(show))
+        _write_json(out / "fig6_progressive.json", {"t_shown_0based": show, "rows": n_progressive,
+                                                    "seed": seed, "what": "pred_x0 at each t (Algorithm 2)"})
+        numbers["fig6"] = {"t_shown_0based": show}
+    if "8" in which:
+        lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
+        k = max(1, len(x0) // 2)
+        k = min(k, 2)
+        grid = interpolation(d, model, x0[:k], x0[k:2 * k], lam, t=min(interp_t, T - 1), seed=seed)
+        save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig8_interpolation.png", ncol=grid.shape[1])
+        # how far the lambda = 0 / 1 decodings land from their sources (on [0, 255])
+        rmse = lambda a, b: float(np.sqrt(((a.astype(np.float64) - b) ** 2).mean()))
+        info = {"t_0based": min(interp_t, T - 1), "lambdas": lam, "pairs": k, "seed": seed,
+                "rmse_lambda0_vs_a": rmse(grid[:, 1], grid[:, 0]), "rmse_lambda1_vs_b": rmse(grid[:, -2], grid[:, -1]),
+                "columns": "source a, decodings for each lambda, source b"}
+        _write_json(out / "fig8_interpolation.json", info)
+        numbers["fig8"] = {k2: info[k2] for k2 in ("rmse_lambda0_vs_a", "rmse_lambda1_vs_b")}
+    return numbers
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "figures", help="Figs. 5 (rate-distortion), 6 (progressive generation), 8 (interpolation)",
+        description="The paper's Figs. 5, 6 and 8 as PNG files with their numbers as JSON in OUT.")
+    add_model_args(p)
+    p.add_argument("--shards", default=None, help="shard directory with a test split (default: data.shards)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--which", default="5,6,8", help="comma-separated subset of 5,6,8")
+    p.add_argument("--num-images", type=int, default=8, help="test images averaged in Fig. 5")
+    p.add_argument("--t-batch", type=int, default=None, help="time steps per model call (Fig. 5)")
+    p.add_argument("--rows", type=int, default=4, help="samples in Fig. 6")
+    p.add_argument("--lambdas", default=None, help="comma-separated interpolation weights (Fig. 8)")
+    p.add_argument("--interp-t", type=int, default=500, help="0-based t of the interpolated latent (Fig. 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    loaded = load_model(args.src, args.revision, args.model_factory)
+    which = tuple(w.strip() for w in args.which.split(",") if w.strip())
+    bad = [w for w in which if w not in ("5", "6", "8")]
+    if bad:
+        raise EvalError(f"--which: unknown figure {bad[0]!r}; choose from 5, 6, 8")
+    shards = args.shards or loaded.recipe.data.shards
+    if not shards:
+        raise EvalError("no test data: pass --shards or set data.shards in the recipe")
+    lambdas = [float(v) for v in args.lambdas.split(",")] if args.lambdas else None
+    acc = accelerator()
+    if not acc.is_main_process:  # the figures are small: one process draws them
+        return 0
+    nums = make_figures(loaded, shards, args.out, split=args.split, num_images=args.num_images,
+                        t_batch=args.t_batch or loaded.recipe.eval.nll_t_batch, seed=args.seed,
+                        n_progressive=args.rows, lambdas=lambdas, interp_t=args.interp_t, which=which,
+                        device=args.device or acc.device)
+    proto = {"split": args.split, "shards": str(shards), "num_images_fig5": args.num_images,
+             "seed": args.seed, "interp_t_0based": args.interp_t, "figures": list(which)}
+    write_result(args.out, "figures", nums, proto,
+                 {"source": loaded.source, "weights_sha256": weights_sha256(loaded.model)})
+    print(json.dumps({"out": str(args.out), **nums}))
+    return 0

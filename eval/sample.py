@@ -1,0 +1,248 @@
+"""`eval sample`: ancestral sampling (Algorithm 2) from the EMA weights, over all processes.
+
+Layout of the output directory:
+    OUT/samples.json            the protocol (sampler, steps, variance, seed, count, chunk size,
+                                weights hash) and, when finished, the list of chunks
+    OUT/chunks/chunk-000123.npz images uint8 [n, H, W, 3] and their global indices
+    OUT/grid.png                the first 64 samples, for a look
+Sample i is drawn from its own generator seeded by (seed, i) (`common.seed_for`), so it is the
+same image whatever the batch size or the number of processes. Chunk c holds samples
+[c*chunk_size, (c+1)*chunk_size); it is written to a temporary name and renamed when whole,
+so a chunk file that exists is complete. A restarted job lists the chunks that exist and
+draws only the others (spread round-robin over the processes), so nothing is redone or
+duplicated. The DDIM sampler is beyond the paper and is labelled so in the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from eval.common import EvalError, Precision, accelerator, add_model_args, generators, load_model, to_uint8
+from eval.results import BEYOND_PAPER, weights_sha256
+
+CHUNK_RE = "chunk-{:06d}.npz"
+
+
+def protocol_for(loaded, *, num_samples: int, seed: int, sampler: str, steps: int | None,
+                 eta: float, var_type: str | None, precision: str, chunk_size: int) -> dict:
+    d = loaded.diffusion
+    proto = {
+        "sampler": sampler,
+        "steps": int(d.num_timesteps) if sampler == "ancestral" else int(steps),
+        "var_type": var_type or getattr(d, "var_type", None),
+        "mean_type": getattr(d, "mean_type", None),
+        "num_samples": int(num_samples),
+        "seed": int(seed),
+        "chunk_size": int(chunk_size),
+        "precision": precision,
+        "weights_sha256": weights_sha256(loaded.model),
+        "source": loaded.source,
+        "paper_protocol": sampler == "ancestral",
+    }
+    if sampler == "ddim":
+        proto["eta"] = float(eta)
+        proto["note"] = BEYOND_PAPER
+    return proto
+
+
+def chunk_path(out: Path, c: int) -> Path:
+    return out / "chunks" / CHUNK_RE.format(c)
+
+
+def done_chunks(out: Path, n_chunks: int) -> set[int]:
+    return {c for c in range(n_chunks) if chunk_path(out, c).is_file()}
+
+
+def _check_protocol(out: Path, proto: dict) -> None:
+    """A directory keeps the samples of one protocol; resuming with another is an error."""
+    path = out / "samples.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())["protocol"]
+    keys = [k for k in proto if k not in ("source",) and old.get(k) != proto[k]]
+    if keys:
+        k = keys[0]
+        raise EvalError(f"{path}: holds samples with {k}={old.get(k)!r}, asked for {proto[k]!r}; "
+                        "use another --out")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def draw(loaded, indices, *, seed: int, sampler: str, steps: int | None, eta: float,
+         precision: str, device) -> np.ndarray:
+    """Samples for the given global indices as uint8 [n, H, W, 3]."""
+    d, model = loaded.diffusion, Precision(loaded.model, precision, device)
+    r = loaded.recipe.model.unet_kwargs()
+    shape = (len(indices), r.get("in_channels", 3), r["resolution"], r["resolution"])
+    gens = generators(seed, indices, device)
+    with torch.inference_mode():
+        if sampler == "ancestral":
+            x = d.p_sample_loop(model, shape, generator=gens)  # Algorithm 2
+        else:
+            x = d.ddim_sample_loop(model, shape, steps, eta=eta, generator=gens)
+    return to_uint8(x)
+
+
+def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size: int, seed: int = 0,
+                 sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
+                 var_type: str | None = None, precision: str = "no", chunk_size: int = 1000,
+                 device=None, acc=None, stop_after_chunks: int | None = None) -> dict:
+    """Draw the missing chunks of OUT; returns the protocol. `stop_after_chunks` (tests) ends
+    the job early as a preemption would."""
+    if sampler == "ddim" and not steps:
+        raise EvalError("--sampler ddim needs --steps N")
+    acc = acc or accelerator()
+    device = torch.device(device) if device else acc.device
+    loaded.model.to(device)
+    if var_type and var_type != getattr(loaded.diffusion, "var_type", var_type):
+        loaded.diffusion = _with_var_type(loaded, var_type)
+    out = Path(out)
+    proto = protocol_for(loaded, num_samples=num_samples, seed=seed, sampler=sampler, steps=steps,
+                         eta=eta, var_type=var_type, precision=precision, chunk_size=chunk_size)
+    n_chunks = math.ceil(num_samples / chunk_size)
+    if acc.is_main_process:
+        (out / "chunks").mkdir(parents=True, exist_ok=True)
+        _check_protocol(out, proto)
+        if not (out / "samples.json").is_file():
+            _write_json(out / "samples.json", {"protocol": proto, "complete": False, "chunks": []})
+    acc.wait_for_everyone()
+    todo = sorted(set(range(n_chunks)) - done_chunks(out, n_chunks))
+    mine = todo[acc.process_index :: acc.num_processes]
+    bar = tqdm(total=sum(_chunk_len(c, chunk_size, num_samples) for c in mine), unit="img",
+               desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
+    for k, c in enumerate(mine):
+        if stop_after_chunks is not None and k >= stop_after_chunks:
+            break
+        lo, hi = c * chunk_size, c * chunk_size + _chunk_len(c, chunk_size, num_samples)
+        images = []
+        for b in range(lo, hi, batch_size):
+            idx = list(range(b, min(b + batch_size, hi)))
+            images.append(draw(loaded, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                               precision=precision, device=device))
+            bar.update(len(idx))
+        path = chunk_path(out, c)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, images=np.concatenate(images), indices=np.arange(lo, hi, dtype=np.int64))
+        os.replace(tmp, path)  # a chunk that exists is whole
+    bar.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        done = sorted(done_chunks(out, n_chunks))
+        _write_json(out / "samples.json", {"protocol": proto, "complete": len(done) == n_chunks,
+                                           "chunks": [chunk_path(out, c).name for c in done]})
+        if done and 0 in done:
+            save_grid(load_samples(out, limit=64), out / "grid.png")
+    acc.wait_for_everyone()
+    return proto
+
+
+def _chunk_len(c: int, chunk_size: int, num_samples: int) -> int:
+    return min(chunk_size, num_samples - c * chunk_size)
+
+
+def _with_var_type(loaded, var_type: str):
+    """The same diffusion with another reverse variance (eval.var_type in the recipe)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(loaded.recipe.diffusion, var_type=var_type)
+    return cfg.build()
+
+
+def load_samples(out: str | os.PathLike, limit: int | None = None) -> np.ndarray:
+    """All finished samples of OUT in index order, uint8 [n, H, W, 3]."""
+    out = Path(out)
+    files = sorted((out / "chunks").glob("chunk-*.npz"))
+    if not files:
+        raise EvalError(f"{out}: no sample chunks (run `python -m eval sample` first)")
+    arrays, n = [], 0
+    for f in files:
+        with np.load(f) as z:
+            arrays.append(z["images"])
+        n += len(arrays[-1])
+        if limit is not None and n >= limit:
+            break
+    x = np.concatenate(arrays)
+    return x[:limit] if limit is not None else x
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = None) -> None:
+    """uint8 [n, H, W, 3] -> one PNG grid with 2-pixel gaps, written atomically."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    pad = 2
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = im
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
+    os.replace(tmp, path)
+
+
+def add_sampling_args(p) -> None:
+    add_model_args(p)
+    p.add_argument("--num-samples", type=int, default=None, help="default: the recipe's eval.num_samples")
+    p.add_argument("--batch-size", type=int, default=None, help="per process; default: eval.batch_size")
+    p.add_argument("--seed", type=int, default=None, help="base seed; default: eval.seed")
+    p.add_argument("--sampler", choices=("ancestral", "ddim"), default=None,
+                   help="ancestral = the paper (T steps); ddim = beyond the paper, fewer steps")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: eval.ddim_steps)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--var-type", choices=("fixed_small", "fixed_large"), default=None,
+                   help="reverse variance (default: eval.var_type, else the recipe's diffusion.var_type)")
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="autocast the U-Net (default: eval.mixed_precision)")
+    p.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk file (the resume unit)")
+
+
+def sample_from_args(args):
+    """Load the model and draw (or resume) the samples the arguments ask for."""
+    loaded = load_model(args.src, args.revision, args.model_factory)
+    ev = loaded.recipe.eval
+    num = args.num_samples or ev.num_samples
+    if num <= 0 or args.chunk_size <= 0 or (args.batch_size is not None and args.batch_size <= 0):
+        raise EvalError("--num-samples, --batch-size and --chunk-size must be positive")
+    sampler = args.sampler or ev.sampler
+    acc = accelerator()
+    proto = run_sampling(
+        loaded, args.out, num_samples=num, batch_size=args.batch_size or ev.batch_size,
+        seed=ev.seed if args.seed is None else args.seed, sampler=sampler,
+        steps=(args.steps or ev.ddim_steps) if sampler == "ddim" else None, eta=args.eta,
+        var_type=args.var_type or ev.var_type, precision=args.precision or ev.mixed_precision,
+        chunk_size=args.chunk_size, device=args.device, acc=acc)
+    return loaded, proto, acc
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sample", help="draw samples (Algorithm 2) into resumable numbered chunks",
+        description="Ancestral sampling (Algorithm 2) from the EMA weights, spread over all "
+        "processes (`accelerate launch -m eval sample ...`). Each sample's noise comes from "
+        "(seed, index), so images do not depend on batch size or process count. Samples go to "
+        "OUT/chunks/chunk-NNNNNN.npz; rerunning the same command resumes after a preemption. "
+        "--sampler ddim is beyond the paper and labelled so in OUT/samples.json.")
+    add_sampling_args(p)
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    _, proto, acc = sample_from_args(args)
+    if acc.is_main_process:
+        label = "" if proto["paper_protocol"] else "  [DDIM: beyond the paper]"
+        print(json.dumps({"out": str(args.out), **{k: proto[k] for k in ("sampler", "steps", "num_samples")}}) + label)
+    return 0

@@ -1,0 +1,108 @@
+"""eval sample: per-sample seeds (batch size / world size invariance), chunked resume, labels."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.common import load_model
+from eval.sample import load_samples, run_sampling
+from eval.testing import make_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ck") / "step-00000001")
+
+
+def _cli(*args, env=None, launcher=()):
+    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([*launcher, *([] if launcher else [PY]), "-m", "eval", *map(str, args)],
+                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
+
+
+def test_samples_do_not_depend_on_batch_size(ckpt, tmp_path):
+    a = run_sampling(load_model(str(ckpt)), tmp_path / "b2", num_samples=7, batch_size=2, chunk_size=3)
+    run_sampling(load_model(str(ckpt)), tmp_path / "b5", num_samples=7, batch_size=5, chunk_size=3)
+    x2, x5 = load_samples(tmp_path / "b2"), load_samples(tmp_path / "b5")
+    assert x2.shape == (7, 8, 8, 3) and x2.dtype == np.uint8
+    np.testing.assert_array_equal(x2, x5)
+    assert len({x.tobytes() for x in x2}) == 7  # distinct samples, not one stream repeated
+    assert a["paper_protocol"] and a["sampler"] == "ancestral" and a["steps"] == 20
+    # another seed gives other images
+    run_sampling(load_model(str(ckpt)), tmp_path / "s1", num_samples=7, batch_size=5, chunk_size=3, seed=1)
+    assert not np.array_equal(load_samples(tmp_path / "s1"), x2)
+
+
+def test_interrupted_job_resumes_without_redoing_chunks(ckpt, tmp_path):
+    full = tmp_path / "full"
+    run_sampling(load_model(str(ckpt)), full, num_samples=10, batch_size=4, chunk_size=3)
+    out = tmp_path / "cut"
+    run_sampling(load_model(str(ckpt)), out, num_samples=10, batch_size=4, chunk_size=3, stop_after_chunks=2)
+    chunks = sorted(p.name for p in (out / "chunks").glob("chunk-*.npz"))
+    assert chunks == ["chunk-000000.npz", "chunk-000001.npz"]
+    assert json.loads((out / "samples.json").read_text())["complete"] is False
+    # a chunk being written when the job died leaves only a temporary file, never a chunk
+    (out / "chunks" / ".chunk-000002.tmp999.npz").write_bytes(b"half")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.npz")}
+    run_sampling(load_model(str(ckpt)), out, num_samples=10, batch_size=4, chunk_size=3)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.npz")}
+    assert sorted(after) == [f"chunk-{i:06d}.npz" for i in range(4)]
+    assert all(after[k] == v for k, v in before.items())  # finished chunks untouched
+    np.testing.assert_array_equal(load_samples(out), load_samples(full))
+    with np.load(out / "chunks" / "chunk-000003.npz") as z:
+        assert z["indices"].tolist() == [9]
+    assert json.loads((out / "samples.json").read_text())["complete"] is True
+
+
+def test_cli_sample_ddim_is_labelled_and_protocol_mismatch_refused(ckpt, tmp_path):
+    out = tmp_path / "ddim"
+    r = _cli("sample", ckpt, "--out", out, "--num-samples", 4, "--sampler", "ddim", "--steps", 5)
+    assert r.returncode == 0, r.stderr
+    assert "beyond the paper" in r.stdout
+    proto = json.loads((out / "samples.json").read_text())["protocol"]
+    assert proto["sampler"] == "ddim" and proto["steps"] == 5 and not proto["paper_protocol"]
+    assert "beyond the paper" in proto["note"]
+    assert (out / "grid.png").is_file()
+    # the same directory with another sampler: one clear line, exit 2, no traceback
+    r = _cli("sample", ckpt, "--out", out, "--num-samples", 4)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "sampler" in r.stderr
+    # a missing checkpoint is also one line
+    r = _cli("sample", tmp_path / "nope", "--out", tmp_path / "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
+
+
+def test_bf16_autocast_runs_and_is_recorded(ckpt, tmp_path):
+    p = run_sampling(load_model(str(ckpt)), tmp_path / "bf", num_samples=2, batch_size=2, precision="bf16")
+    x = load_samples(tmp_path / "bf")
+    ref = run_sampling(load_model(str(ckpt)), tmp_path / "fp", num_samples=2, batch_size=2)
+    assert p["precision"] == "bf16" and ref["precision"] == "no"
+    assert x.shape == (2, 8, 8, 3)
+    # bf16 changes rounding only: the images stay close to float32 ones
+    diff = np.abs(x.astype(int) - load_samples(tmp_path / "fp").astype(int))
+    assert diff.mean() < 16
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_samples_as_one(ckpt, tmp_path):
+    one = tmp_path / "one"
+    r = _cli("sample", ckpt, "--out", one, "--num-samples", 9, "--batch-size", 2, "--chunk-size", 2)
+    assert r.returncode == 0, r.stderr
+    two = tmp_path / "two"
+    launcher = (PY, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m")
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([*launcher, "eval", "sample", str(ckpt), "--out", str(two), "--num-samples", "9",
+                        "--batch-size", "3", "--chunk-size", "2"], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_array_equal(load_samples(one), load_samples(two))
+    assert json.loads((two / "samples.json").read_text())["complete"] is True
