@@ -47,13 +47,14 @@ def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:
     return _cache[key]
 
 
-def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str = "2048", device="cpu"):
-    """A torch-fidelity feature extractor (registered under `name`) giving `layer`."""
+def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str | None = None, device="cpu"):
+    """A torch-fidelity feature extractor (registered under `name`) giving `layer` (default: its FID layer)."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
     from torch_fidelity.utils import create_feature_extractor
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise EvalError(f"feature extractor '{name}' is not registered with torch-fidelity")
+    layer = layer or FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
     kwargs = {"feature_extractor_weights_path": weights} if weights else {}
     try:
         fe = create_feature_extractor(name, [layer], cuda=False, verbose=False, **kwargs)
