@@ -318,14 +318,11 @@ def test_paper_settings_without_scheduler_config(tmp_path):
 
 def test_diffusers_export_loads_in_diffusers(hub, tmp_path, monkeypatch):
     from diffusers import DDPMScheduler, UNet2DModel
-    from huggingface_hub import snapshot_download
-
     run = make_run(tmp_path / "run")
     out = push_to_hub(run, "alice/tiny-diffusers", format="diffusers")
     assert {"diffusion_pytorch_model.safetensors", "scheduler_config.json", "config.json"} <= set(out["files"])
-    folder = Path(snapshot_download("alice/tiny-diffusers"))
-    unet = UNet2DModel.from_pretrained(folder).eval()
-    sched = DDPMScheduler.from_pretrained(folder)
+    unet = UNet2DModel.from_pretrained("alice/tiny-diffusers").eval()  # diffusers pulls from the server itself
+    sched = DDPMScheduler.from_pretrained("alice/tiny-diffusers")
     assert sched.config.variance_type == "fixed_large" and sched.config.num_train_timesteps == 1000
     ours = load_pretrained(run).model
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
@@ -361,3 +358,21 @@ def test_cli_push_and_errors(tmp_path):
             "error: the Hugging Face token was rejected (401 from whoami): check HF_TOKEN"]
         missing = _cli([str(tmp_path / "nope"), "--repo-id", "alice/cli"], srv, tmp_path)
         assert missing.returncode == 2 and "Traceback" not in missing.stderr and "nope: no such file" in missing.stderr
+
+
+def test_ddpm_pipeline_layout_with_subfolders(hub, tmp_path):
+    """DDPMPipeline.save_pretrained puts the U-Net in unet/ and the scheduler in scheduler/."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from huggingface_hub import HfApi
+
+    ref = google_style_unet(seed=2)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, variance_type="fixed_small")
+    DDPMPipeline(unet=ref, scheduler=sched).save_pretrained(tmp_path / "pipe")
+    HfApi().create_repo("alice/pipe")
+    HfApi().upload_folder(repo_id="alice/pipe", folder_path=tmp_path / "pipe")
+    for src in (tmp_path / "pipe", "alice/pipe"):
+        p = load_pretrained(src)
+        assert p.recipe.diffusion.var_type == "fixed_small"
+        x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
+        with torch.no_grad():
+            torch.testing.assert_close(p.model(x, t), ref(x, t).sample, rtol=0, atol=1e-5)
