@@ -588,3 +588,14 @@ def push_to_hub(src: str | os.PathLike, repo_id: str, *, revision: str | None = 
             raise PushError(f"{repo_id}: {' '.join(str(e).split())}") from None
     return {"repo_id": repo_id, "revision": branch, "commit": info.oid, "url": info.commit_url,
             "files": sorted(files)}
+
+
+def push_after_eval(src: str | os.PathLike, recipe, results: str | os.PathLike | None = None) -> dict | None:
+    """The last step of `eval` when the recipe's `hub` section asks (hub.push_after_eval + hub.repo_id)."""
+    hub = recipe.hub
+    if not hub.push_after_eval:
+        return None
+    if not hub.repo_id:
+        raise PushError("hub.push_after_eval is set but hub.repo_id is not")
+    return push_to_hub(src, hub.repo_id, revision=hub.revision, private=hub.private, format=hub.format,
+                       results=results)
