@@ -1,0 +1,133 @@
+"""The whole chain on 2 CPU cores, on a small real image set that needs no download:
+
+  1. scikit-image's photographs, cut into crops, as an LSUN-style LMDB   (scripts/quickstart_data.py)
+  2. python -m data_prep lsun  -> WebDataset shards + manifest, held-out test split
+  3. accelerate launch (2 CPU processes) pipeline/train.py recipes/quickstart.yaml
+  4. python -m eval fid / nll / figures  (real Inception features, offline weights)
+  5. python -m eval push  -> a Hub server on localhost; download it again and sample from it
+
+Each stage is the real command a user would type (printed before it runs); re-running resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from quickstart_data import make_quickstart_lmdb  # noqa: E402
+
+PY = sys.executable
+ACCELERATE_2CPU = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def stage(title: str) -> None:
+    print(f"\n\033[1m== {title}\033[0m", flush=True)
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    print("$ " + " ".join(shlex.quote(str(c)) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int) -> dict:
+    """Run every stage into `out`; return the paths and numbers a user looks at."""
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    lmdb_dir, shards, run_dir, ev = out / "lsun_lmdb", out / "shards", out / "run", out / "eval"
+    cpu = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+    stage(f"1/5 data: {images} crops of scikit-image photographs as an LSUN-style LMDB")
+    n = make_quickstart_lmdb(lmdb_dir, count=images)
+    print(f"{lmdb_dir}: {n} WebP images")
+
+    stage("2/5 data_prep: centre crop + antialiased resize to 32x32, WebDataset shards")
+    run([PY, "-m", "data_prep", "lsun", "--lmdb", lmdb_dir, "--out", shards, "--resolution", "32",
+         "--test-count", str(nll_images), "--shard-size", "500", "--workers", "2"])
+
+    stage(f"3/5 train: 2 processes on CPU, {steps} steps (resumes if interrupted)")
+    overrides = [f"data.shards={shards}", f"run.output_dir={run_dir}", f"train.max_steps={steps}"]
+    run(ACCELERATE_2CPU + ["pipeline/train.py", "recipes/quickstart.yaml", *overrides], env=cpu)
+
+    stage("4/5 eval: samples + FID (offline Inception), test NLL, Figs. 5/6/8")
+    run(ACCELERATE_2CPU + ["-m", "eval", "fid", run_dir, "--out", ev, "--num-samples", str(samples)], env=cpu)
+    run(ACCELERATE_2CPU + ["-m", "eval", "nll", run_dir, "--out", ev], env=cpu)
+    run([PY, "-m", "eval", "figures", run_dir, "--out", ev / "figures", "--num-images", "8"], env=cpu)
+
+    stage("5/5 Hub: push to a Hub server on localhost, download into a clean cache, sample from it")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hub_server import HubServer
+
+    with HubServer(tokens={"hf_quickstart": "quickstart"}) as srv:
+        hub_env = {"HF_ENDPOINT": srv.endpoint, "HF_TOKEN": "hf_quickstart", "HF_HUB_DISABLE_XET": "1",
+                   "HF_HOME": str(out / "hf_home")}
+        repo = "quickstart/ddpm-tiny"
+        run([PY, "-m", "eval", "push", run_dir, "--repo-id", repo, "--results", ev / "results.json"], env=hub_env)
+        run([PY, "-m", "eval", "sample", repo, "--out", out / "from_hub", "--num-samples", "16"],
+            env={**hub_env, **cpu})
+        same = _same_weights(run_dir, repo, hub_env)
+    print(f"Hub round trip: downloaded EMA weights {'equal' if same else 'DIFFER FROM'} the local ones")
+
+    results = json.loads((ev / "results.json").read_text())["evaluations"]
+    summary = {
+        "sample_grid": str(_newest(run_dir / "samples")),
+        "hub_samples": str(out / "from_hub"),
+        "results": str(ev / "results.json"),
+        "figures": str(ev / "figures"),
+        "fid": results["fid"]["metrics"]["fid"],
+        "nll_bpd": results["nll"]["metrics"]["bpd"],
+        "hub_round_trip_equal": same,
+        "minutes": round((time.time() - t0) / 60, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _same_weights(run_dir: Path, repo: str, hub_env: dict) -> bool:
+    """Load both copies in a child process (the Hub settings are read at import time)."""
+    code = (
+        "import sys, torch; from pipeline.hub import load_pretrained\n"
+        "a = load_pretrained(sys.argv[1]).model.state_dict(); b = load_pretrained(sys.argv[2]).model.state_dict()\n"
+        "sys.exit(0 if a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) else 1)\n"
+    )
+    r = subprocess.run([PY, "-c", code, str(run_dir), repo], cwd=ROOT, env={**os.environ, **hub_env})
+    return r.returncode == 0
+
+
+def _newest(folder: Path) -> Path | None:
+    files = sorted(folder.glob("*.png"))
+    return files[-1] if files else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "quickstart_out", help="everything goes here")
+    ap.add_argument("--steps", type=int, default=600, help="training steps (global batch 32)")
+    ap.add_argument("--images", type=int, default=2000, help="images in the LSUN-style LMDB")
+    ap.add_argument("--samples", type=int, default=128, help="samples for FID")
+    ap.add_argument("--nll-images", type=int, default=64, help="held-out test images (NLL)")
+    args = ap.parse_args()
+    try:
+        s = quickstart(args.out, args.steps, args.images, args.samples, args.nll_images)
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"quickstart: a stage failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}")
+    print(f"\n\033[1mDone in {s['minutes']} min.\033[0m")
+    print(f"  EMA sample grid : {s['sample_grid']}")
+    print(f"  samples from Hub: {s['hub_samples']}")
+    print(f"  metrics         : {s['results']}  (FID {s['fid']:.1f} on {args.samples} samples, "
+          f"test NLL {s['nll_bpd']:.3f} bits/dim)")
+    print(f"  figures         : {s['figures']}")
+
+
+if __name__ == "__main__":
+    main()
