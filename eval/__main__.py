@@ -42,9 +42,10 @@ def main(argv=None) -> int:
     except (EvalError, InceptionWeightsError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        # RecipeError (a ValueError) from a bad config.yaml: one line, exit 2.
-        if type(e).__name__ == "RecipeError":
+    except (ValueError, RuntimeError) as e:
+        # The other stages' input errors (a bad config.yaml, unreadable shards, a model that
+        # cannot load) are one line and exit 2 as well; anything else is a bug: traceback.
+        if type(e).__name__ in ("RecipeError", "DataError", "LoadError"):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise

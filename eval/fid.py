@@ -104,15 +104,8 @@ def iter_uint8(shards: str, split: str, batch_size: int):
     """The split's images once each, as uint8 [B, H, W, 3] numpy batches."""
     from pipeline.data import iter_split
 
-    for batch in iter_split(shards, split, batch_size):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = x["images"] if isinstance(x, dict) else x
-        x = torch.as_tensor(x)
-        if x.dtype != torch.uint8:  # float in [-1, 1]
-            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        if x.shape[-1] != 3 and x.shape[1] in (1, 3):
-            x = x.permute(0, 2, 3, 1)
-        yield x.numpy()
+    for x in iter_split(shards, split, batch_size):  # uint8 [B, 3, H, W]
+        yield x.permute(0, 2, 3, 1).numpy()
 
 
 def reference_statistics(shards: str, extractor, *, extractor_id: str, split: str = "train",

@@ -4,13 +4,14 @@ For every test image: all T terms (L_0 with the discretized decoder of eq. 13, t
 L_1..L_{T-1} of eq. 5) plus the prior L_T, through `GaussianDiffusion.calc_bpd` with
 `t_batch` time steps per model call. The test split is read exactly once over all processes
 (`pipeline.data.iter_split` with rank / world size). Each image's noise comes from a generator
-seeded by (seed, rank, batch, position), so a rerun with the same world size is identical.
+seeded by (seed, the image's key), so the number does not depend on batch size or world size.
 Reports the mean with its standard error, and L_0, L_T and sum L_{1..T-1} separately
 (Sec. 4.3 discusses how the bits split between them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -22,22 +23,21 @@ from eval.common import EvalError, Precision, accelerator, add_model_args, gener
 from eval.results import weights_sha256, write_result
 
 
-def iter_float(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1):
-    """The split's images, each once over all ranks, as float32 [B, 3, H, W] in [-1, 1]
-    on the 8-bit grid (what the discretized decoder of eq. 13 expects)."""
+def iter_float(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+               with_keys: bool = False):
+    """The split's images, each once over all ranks, as float32 [B, 3, H, W] in [-1, 1] on the
+    8-bit grid (what the discretized decoder of eq. 13 expects); with keys if asked."""
     from pipeline.data import iter_split
 
-    for batch in iter_split(shards, split, batch_size, rank=rank, world_size=world_size):
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
-        x = x["images"] if isinstance(x, dict) else x
+    for x, keys in iter_split(shards, split, batch_size, rank=rank, world_size=world_size, with_keys=True):
         x = torch.as_tensor(x)
-        if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-            x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW
-        if x.dtype == torch.uint8:
-            x = x.float() / 127.5 - 1.0
-        else:  # snap to the grid: a float pipeline may carry rounding noise
-            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
-        yield x.contiguous()
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        yield (x.contiguous(), list(keys)) if with_keys else x.contiguous()
+
+
+def key_index(key: str) -> int:
+    """A stable integer for a sample key: its noise stream does not depend on rank or batch."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")
 
 
 def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t_batch: int = 10,
@@ -51,16 +51,17 @@ def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t
     rows = []  # per image: total, prior (L_T), L_0, sum L_1..L_{T-1}
     seen = 0
     bar = tqdm(desc=f"nll [{acc.process_index}]", unit="img", disable=not (progress and acc.is_local_main_process))
-    for b, x in enumerate(iter_float(shards, split, batch_size, acc.process_index, acc.num_processes)):
+    for x, keys in iter_float(shards, split, batch_size, acc.process_index, acc.num_processes, with_keys=True):
         if limit is not None:
-            x = x[: limit - seen]
+            x, keys = x[: limit - seen], keys[: limit - seen]
         if len(x) == 0:
             break
         x = x.to(device)
-        # One stream per image, keyed by (rank, batch, position): a fixed, reproducible draw.
-        keys = [(acc.process_index << 40) | (b << 16) | i for i in range(len(x))]
+        # One noise stream per image, keyed by (seed, sample key): the same draw for an image
+        # whatever the batch size or the number of processes.
+        gens = generators(seed, [key_index(k) for k in keys], device)
         with torch.inference_mode():
-            r = d.calc_bpd(model, x, generator=generators(seed, keys, device), t_batch=t_batch)
+            r = d.calc_bpd(model, x, generator=gens, t_batch=t_batch)
         terms = r["terms_bpd"].double().cpu()
         rows.append(torch.stack([r["total_bpd"].double().cpu(), r["prior_bpd"].double().cpu(),
                                  terms[:, 0], terms[:, 1:].sum(1)], 1))
@@ -77,8 +78,8 @@ def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t
     if n == 0:
         raise EvalError(f"{shards}: the '{split}' split has no images")
     mean = allrows.mean(0)
-    sem = allrows[:, 0].std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
-    return {"bpd": float(mean[0]), "bpd_sem": float(sem), "L_T_bpd": float(mean[1]),
+    sem = float(allrows[:, 0].std(ddof=1) / math.sqrt(n)) if n > 1 else None  # JSON has no NaN
+    return {"bpd": float(mean[0]), "bpd_sem": sem, "L_T_bpd": float(mean[1]),
             "L_0_bpd": float(mean[2]), "L_1_to_T-1_bpd": float(mean[3]), "num_images": int(n)}
 
 
@@ -128,7 +129,8 @@ def main(args) -> int:
                  "complete_split": args.limit is None}
         sha = weights_sha256(loaded.model)
         path = write_result(args.out, "nll", m, proto, {"source": loaded.source, "weights_sha256": sha})
-        print(f"NLL {m['bpd']:.4f} +- {m['bpd_sem']:.4f} bits/dim over {m['num_images']} {split} images "
+        sem = "n/a" if m["bpd_sem"] is None else f"{m['bpd_sem']:.4f}"
+        print(f"NLL {m['bpd']:.4f} +- {sem} bits/dim over {m['num_images']} {split} images "
               f"(L_0 {m['L_0_bpd']:.4f}, L_1..T-1 {m['L_1_to_T-1_bpd']:.4f}, L_T {m['L_T_bpd']:.2e})")
         print(json.dumps({"results": str(path)}))
     return 0

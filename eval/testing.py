@@ -174,3 +174,38 @@ def oracle_bpd(x_star: torch.Tensor, diffusion, exact_cdf: bool = False) -> dict
     l0 = (-torch.log(hi - lo)).mean() / math.log(2)
     return {"prior": float(prior), "L_0": float(l0), "L_1_to_T-1": float(kl_terms.sum()),
             "total": float(prior + l0 + kl_terms.sum()), "T": T}
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def make_shards(folder: str | os.PathLike, n: int = 12, size: int = 8, test_count: int = 1, seed: int = 0,
+                smooth: bool = True) -> Path:
+    """Real shards through `python -m data_prep folder`: n PNG images (smooth random colour
+    gradients, so a small model can learn them), `test_count` of them in the test split."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
+    for i in range(n):
+        if smooth:
+            c0, cx, cy = g.uniform(0, 255, 3), g.uniform(-120, 120, 3), g.uniform(-120, 120, 3)
+            im = c0 + cx * xx[..., None] + cy * yy[..., None]
+        else:
+            im = g.uniform(0, 255, (size, size, 3))
+        Image.fromarray(np.clip(im, 0, 255).round().astype(np.uint8)).save(images / f"img{i:04d}.png")
+    out = folder / "shards"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "data_prep", "folder", "--images", str(images), "--out", str(out),
+                        "--resolution", str(size), "--test-count", str(test_count), "--no-progress"],
+                       cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    if r.returncode != 0:
+        raise RuntimeError(f"data_prep failed: {r.stderr[-2000:]}")
+    return out
