@@ -24,9 +24,10 @@ _DATASETS = {
     "lsun_cat": ("lsun-cat", "LSUN Cat"),
     "quickstart": ("quickstart", "quickstart photos (scikit-image)"),
 }
-# how metrics are named in model-index (type, display name)
-_METRIC_NAMES = {"fid": ("fid", "FID"), "is": ("inception_score", "Inception Score"),
-                 "is_mean": ("inception_score", "Inception Score"), "bpd": ("bits_per_dim", "NLL (bits/dim)")}
+# (evaluation, metric) of results.json -> model-index (type, display name): the headline numbers
+# of the paper's Table 1; every other number goes to the card's table only.
+_HEADLINE = {("fid", "fid"): ("fid", "FID"), ("is", "is"): ("inception_score", "Inception Score"),
+             ("nll", "bpd"): ("bits_per_dim", "NLL (bits/dim)")}
 
 
 def _dataset(recipe) -> tuple[str, str]:
@@ -68,10 +69,14 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
     rows = metric_rows(results)
     evals = []
     for name, metric, value, protocol in rows:
-        mtype, mname = _METRIC_NAMES.get(metric, (metric, metric))
-        split = protocol.get("split") or ("test" if name == "nll" else "train")
+        if (name, metric) not in _HEADLINE:
+            continue
+        mtype, mname = _HEADLINE[(name, metric)]
+        split = protocol.get("split") or protocol.get("reference_split") or ("test" if name == "nll" else "train")
+        if protocol.get("paper_protocol") is False:
+            mname += f" ({protocol.get('sampler', 'DDIM')}, beyond the paper)"
         evals.append(EvalResult(task_type=TASK, dataset_type=ds_id, dataset_name=ds_name, dataset_split=str(split),
-                                metric_type=mtype, metric_value=value, metric_name=f"{mname} ({name})"))
+                                metric_type=mtype, metric_value=value, metric_name=mname))
     data = ModelCardData(
         library_name="diffusers" if format == "diffusers" else "ddpm-pipeline",
         pipeline_tag=TASK,
@@ -150,7 +155,7 @@ def _model_section(recipe, parameters, sha) -> list[str]:
     if parameters:
         out[-1] += f" ({parameters:,} parameters)"
     if sha:
-        out += ["", f"Weights file sha256: `{sha}`"]
+        out += ["", f"sha256 of the EMA checkpoint file (`ema.safetensors`) these weights come from: `{sha}`"]
     return out + [""]
 
 
@@ -158,8 +163,9 @@ def _load_section(repo_id: str, format: str) -> list[str]:
     out = ["## How to load", "", "With ddpm-pipeline (any revision, our or diffusers' layout):", "", "```python",
            "from pipeline.hub import load_pretrained", "import torch", "",
            f'p = load_pretrained("{repo_id}")  # .model (U-Net), .diffusion, .recipe',
-           "x = p.diffusion.p_sample_loop(p.model, (16, 3, p.recipe.model.unet_kwargs()['resolution'],"
-           " p.recipe.model.unet_kwargs()['resolution']), generator=torch.Generator().manual_seed(0))", "```", "",
+           'res = p.recipe.model.unet_kwargs()["resolution"]',
+           "x = p.diffusion.p_sample_loop(p.model, (16, 3, res, res), generator=torch.Generator().manual_seed(0))",
+           "```", "",
            "Sample or evaluate from the command line:", "", "```bash",
            f"python -m eval sample {repo_id} --out samples/", f"python -m eval fid {repo_id} --out eval/", "```", ""]
     if format == "diffusers":

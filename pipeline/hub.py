@@ -263,7 +263,8 @@ def _load_into(model: torch.nn.Module, state: dict, weights: Path) -> None:
 
 def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[Path, str]:
     """Download the files one layout needs, all at one commit; returns (folder, 'repo@commit')."""
-    from huggingface_hub import HfApi, hf_hub_download
+    import httpx2
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi()
@@ -274,20 +275,38 @@ def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[
         if not wanted:
             raise LoadError(f"{repo_id}: the Hub repo holds no model in our or diffusers' layout "
                             f"(files: {', '.join(sorted(files)) or 'none'})")
-        paths = [Path(hf_hub_download(repo_id, f, revision=info.sha)) for f in wanted]
+        # snapshot_download resolves the revision to one commit and records the ref in the cache,
+        # so the same call works offline later; only the files of the chosen layout come down.
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
     except RevisionNotFoundError:
         raise LoadError(f"{repo_id}: no revision '{revision}' on the Hub") from None
     except RepositoryNotFoundError:
         raise LoadError(f"{repo_id}: no such repo on the Hub (or it is private and your token cannot read it)") from None
     except HfHubHTTPError as e:
         raise LoadError(f"{repo_id}: Hub request failed: {str(e).splitlines()[0]}") from None
-    except OSError as e:  # connection refused, offline mode, ...
-        raise LoadError(f"{repo_id}: cannot download from the Hub: {str(e).splitlines()[0]}") from None
-    # hf_hub_download puts every file of one commit under snapshots/<commit>/
-    root = paths[0]
-    for _ in Path(wanted[0]).parts:
-        root = root.parent
-    return root, f"{repo_id}@{info.sha}"
+    except (OSError, httpx2.TransportError) as e:  # connection refused, offline mode, ...
+        cached = _cached_snapshot(repo_id, revision)
+        if cached is not None:  # the Hub is unreachable but this revision was pulled before
+            log.warning("%s: Hub unreachable (%s); using the cached snapshot %s", repo_id, e, cached.name)
+            return cached, f"{repo_id}@{cached.name}"
+        raise LoadError(f"{repo_id}: cannot download from the Hub, and it is not cached: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return folder, f"{repo_id}@{folder.name}"  # the cache folder of a snapshot is named by its commit
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The cache folder of `revision` when an earlier pull left it there (refs/<branch> -> commit).
+    Not snapshot_download(local_files_only=True): that wants every file of the repo, and a pull
+    fetches only the files of one layout."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    rev = revision or "main"
+    ref = storage / "refs" / rev
+    commit = rev if re.fullmatch(r"[0-9a-f]{40}", rev) else (ref.read_text().strip() if ref.is_file() else None)
+    folder = storage / "snapshots" / commit if commit else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _pick_hub_files(files: set[str], use_ema: bool) -> list[str]:

@@ -517,6 +517,21 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     hub: "HubServer"
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.live: set[socket.socket] = set()  # keep-alive connections, closed by stop()
+        self.live_lock = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self.live_lock:
+            self.live.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self.live_lock:
+            self.live.discard(request)
+        super().shutdown_request(request)
+
 
 class HubServer:
     """A running server on 127.0.0.1 with a free port; use as a context manager or start()/stop()."""
@@ -564,13 +579,21 @@ class HubServer:
         return repo.history(repo.branches[branch])
 
     def start(self) -> "HubServer":
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop listening and drop open keep-alive connections: the Hub is unreachable afterwards."""
         self._httpd.shutdown()
         self._httpd.server_close()
+        with self._httpd.live_lock:
+            live = list(self._httpd.live)
+        for conn in live:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self) -> "HubServer":
         return self.start()

@@ -376,3 +376,32 @@ def test_ddpm_pipeline_layout_with_subfolders(hub, tmp_path):
         x, t = torch.randn(1, 3, 8, 8), torch.tensor([10])
         with torch.no_grad():
             torch.testing.assert_close(p.model(x, t), ref(x, t).sample, rtol=0, atol=1e-5)
+
+
+def test_push_after_eval_follows_the_recipe_hub_section(hub, tmp_path):
+    from pipeline.hub import push_after_eval
+
+    run = make_run(tmp_path / "run")
+    recipe = Recipe.from_dict({"model": TINY, "hub": {"repo_id": "alice/auto", "private": True, "revision": "ev",
+                                                      "push_after_eval": True}})
+    out = push_after_eval(run, recipe)
+    assert out["revision"] == "ev" and hub.state.repos[("model", "alice/auto")].private
+    assert push_after_eval(run, Recipe.from_dict({"model": TINY})) is None
+
+
+def test_cli_help_explains():
+    r = subprocess.run([sys.executable, "-m", "eval", "push", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0 and "--repo-id" in r.stdout and "one commit" in r.stdout and "HF_TOKEN" in r.stdout
+
+
+def test_pull_uses_the_cache_when_the_hub_is_unreachable(hub, tmp_path):
+    run = make_run(tmp_path / "run", results=False)
+    out = push_to_hub(run, "alice/cached")
+    first = load_pretrained("alice/cached")
+    hub.stop()  # connection refused from now on
+    again = load_pretrained("alice/cached")
+    assert again.source == first.source == f"alice/cached@{out['commit']}"
+    torch.testing.assert_close(outputs(again.model), outputs(first.model), rtol=0, atol=0)
+    with pytest.raises(LoadError, match="cannot download from the Hub, and it is not cached"):
+        load_pretrained("alice/never-pulled")
