@@ -1,0 +1,84 @@
+"""python -m data_prep {lsun,folder,cifar10}: images -> WebDataset tar shards + manifest.json.
+
+Each image is centre-cropped to its short side and resized (antialiased, LANCZOS) to
+--resolution, as ProGAN's create_lsun did for the TFRecords the original DDPM trained on.
+Re-running into a complete output does nothing; after a crash it finishes the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep.preprocess import FORMATS
+from data_prep.shards import prepare
+from data_prep.sources import PrepError, open_source
+
+EPILOG = """examples:
+  python -m data_prep lsun --lmdb lsun/bedroom_train_lmdb --out data/lsun_bedroom --workers 16
+  python -m data_prep folder --images celeba_hq/1024 --out data/celebahq256 --test-count 1000
+  python -m data_prep cifar10 --batches cifar-10-batches-py --out data/cifar10"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="kind", required=True, metavar="{lsun,folder,cifar10}")
+    specs = [("lsun", "--lmdb", "an LSUN category LMDB (folder with data.mdb); values are WebP/JPEG bytes", 256),
+             ("folder", "--images", "a folder tree of images (CelebA-HQ, FFHQ, ...), read recursively", 256),
+             ("cifar10", "--batches", "the CIFAR-10 python batches (data_batch_1..5, test_batch)", 32)]
+    for kind, flag, help_, res in specs:
+        p = sub.add_parser(kind, help=help_, description=help_)
+        p.add_argument(flag, dest="src", required=True, metavar="PATH", help=help_)
+        p.add_argument("--out", required=True, help="output folder: {train,test}-NNNNNN.tar + manifest.json")
+        p.add_argument("--resolution", type=int, default=res, help=f"output side in pixels (default {res})")
+        p.add_argument("--format", choices=FORMATS, default="png",
+                       help="png (lossless, default), jpg (see --quality) or npy (raw uint8 HWC)")
+        p.add_argument("--quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
+        p.add_argument("--allow-upscale", action="store_true",
+                       help="accept images smaller than --resolution (default: skip them, recorded in the manifest)")
+        if kind != "cifar10":
+            g = p.add_mutually_exclusive_group()
+            g.add_argument("--test-count", type=int, default=None,
+                           help="put exactly N inputs in the test split (the N smallest key hashes)")
+            g.add_argument("--test-fraction", type=float, default=0.01,
+                           help="put this fraction of inputs in the test split, by key hash (default 0.01)")
+        p.add_argument("--shard-size", type=int, default=1000, help="inputs per shard (default 1000)")
+        p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+        p.add_argument("--limit", type=int, default=None,
+                       help="only the first N inputs (cifar10: per split), to try things out")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        for name, v, lo in (("--resolution", args.resolution, 1), ("--shard-size", args.shard_size, 1),
+                            ("--workers", args.workers, 1), ("--limit", args.limit, 1),
+                            ("--test-count", getattr(args, "test_count", None), 0)):
+            if v is not None and v < lo:
+                raise PrepError(f"{name} must be >= {lo}, got {v}")
+        if not 1 <= args.quality <= 100:
+            raise PrepError(f"--quality must be in 1..100, got {args.quality}")
+        frac = getattr(args, "test_fraction", 0.0)
+        if not 0.0 <= frac < 1.0:
+            raise PrepError(f"--test-fraction must be in [0, 1), got {frac}")
+        source = open_source(args.kind, args.src)
+        m = prepare(source, args.out, resolution=args.resolution, fmt=args.format, quality=args.quality,
+                    allow_upscale=args.allow_upscale, test_count=getattr(args, "test_count", None),
+                    test_fraction=frac, shard_size=args.shard_size, workers=args.workers,
+                    limit=args.limit, command=["python", "-m", "data_prep", *argv],
+                    progress=not args.no_progress)
+    except PrepError as e:
+        print(f"data_prep: error: {e}", file=sys.stderr)
+        return 2
+    sp = m["splits"]
+    print(f"{args.out}: train {sp['train']['count']} ({len(sp['train']['shards'])} shards), "
+          f"test {sp['test']['count']} ({len(sp['test']['shards'])} shards), skipped {len(m['skipped'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
