@@ -161,8 +161,12 @@ def launch_command(
     deepspeed_config: str | None = None,
     mixed_precision: str | None = None,
     python: str = sys.executable,
+    program: Sequence[str] | None = None,
 ) -> list[str]:
-    """`accelerate launch` for this node; the same list on every node but for `--machine_rank`."""
+    """`accelerate launch` for this node; the same list on every node but for `--machine_rank`.
+
+    `program` replaces `SCRIPT RECIPE OVERRIDES...` at the end, e.g. `["-m", "eval", "sample", ...]`.
+    """
     cmd = [python, "-m", "accelerate.commands.launch"]
     if accelerate_config:
         cmd += ["--config_file", str(accelerate_config)]
@@ -185,8 +189,9 @@ def launch_command(
     if node.num_machines > 1:
         # Static rendezvous at the main host; every node is in the same Slurm allocation.
         cmd += ["--rdzv_backend", "static", "--same_network", "--max_restarts", "0"]
-    cmd += [str(script), str(recipe), *overrides]
-    return cmd
+    if program is not None:
+        return cmd + list(program)
+    return cmd + [str(script), str(recipe), *overrides]
 
 
 def format_command(cmd: Sequence[str]) -> str:
