@@ -138,7 +138,7 @@ def _training_section(recipe, step, ts: dict, command: str | None, manifest: dic
     out += [f"- images scaled to [-1, 1]; random horizontal flip: {'yes' if recipe.data.random_flip else 'no'}",
             "- LSUN / CelebA-HQ: centre crop to the short side, antialiased resize (as in the original code)", ""]
     world = ts.get("world_size") or ts.get("num_processes")
-    hw = ts.get("hardware") or ts.get("device")
+    hw = ts.get("hardware") or ts.get("device") or ts.get("distributed_type")
     out += ["Optimisation and hardware:", "",
             f"- steps: {step if step is not None else '?'} of {t.max_steps}; global batch {t.global_batch_size}; "
             f"Adam lr {t.lr} (warmup {t.warmup_steps}), eps {t.adam_eps}; grad clip {t.grad_clip}; "

@@ -405,3 +405,33 @@ def test_pull_uses_the_cache_when_the_hub_is_unreachable(hub, tmp_path):
     torch.testing.assert_close(outputs(again.model), outputs(first.model), rtol=0, atol=0)
     with pytest.raises(LoadError, match="cannot download from the Hub, and it is not cached"):
         load_pretrained("alice/never-pulled")
+
+
+@pytest.mark.slow
+def test_eval_stage_reads_a_hub_id_and_its_results_push_back(tmp_path):
+    """The chain through real CLIs: push a run, `eval sample` it by Hub id (revision), then push
+    the run again with results for those samples (the weights hash eval computed on the Hub copy
+    must match the pushed weights)."""
+    from eval.results import weights_sha256, write_result
+
+    run = make_run(tmp_path / "run", results=False)
+    with HubServer(tokens={TOKEN: "alice"}) as srv:
+        assert _cli([str(run), "--repo-id", "alice/chain", "--revision", "r1"], srv, tmp_path).returncode == 0
+        env = {**os.environ, "HF_ENDPOINT": srv.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN,
+               "HF_HOME": str(tmp_path / "hf-home-2"), "PYTHONPATH": str(ROOT)}
+        out = tmp_path / "eval"
+        r = subprocess.run([sys.executable, "-m", "eval", "sample", "alice/chain", "--revision", "r1", "--out", str(out),
+                            "--num-samples", "2", "--batch-size", "2", "--sampler", "ddim", "--steps", "2"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        proto = json.loads((out / "samples.json").read_text())["protocol"]
+        assert proto["weights_sha256"] == weights_sha256(load_pretrained(run).model)
+        assert proto["source"].startswith("alice/chain")
+        # what `eval fid` would record for these samples (FID itself needs Inception weights)
+        write_result(out, "fid", {"fid": 99.0}, proto, {"source": proto["source"],
+                                                         "weights_sha256": proto["weights_sha256"]})
+        r = _cli([str(run), "--repo-id", "alice/chain", "--results", str(out / "results.json")], srv, tmp_path)
+        assert r.returncode == 0, r.stderr
+        other = make_run(tmp_path / "other", seed=9, results=False)
+        r = _cli([str(other), "--repo-id", "alice/chain", "--results", str(out / "results.json")], srv, tmp_path)
+        assert r.returncode == 2 and "computed for other weights" in r.stderr and "Traceback" not in r.stderr
