@@ -62,7 +62,8 @@ def metric_rows(results: dict | None) -> list[tuple[str, str, float, dict]]:
 
 def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str = "native",
                       step: int | None = None, weights_sha256: str = "", parameters: int | None = None,
-                      command: str | None = None, files: list[str] = (), trainer_state: dict | None = None) -> str:
+                      command: str | None = None, files: list[str] = (), trainer_state: dict | None = None,
+                      ema: bool = True) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     ds_id, ds_name = _dataset(recipe)
@@ -91,7 +92,9 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
     out += [f"A denoising diffusion probabilistic model (Ho, Jain, Abbeel 2020, "
             f"[arXiv:2006.11239](https://arxiv.org/abs/2006.11239)) trained on **{ds_name}** at "
             f"{recipe.model.unet_kwargs()['resolution']}x{recipe.model.unet_kwargs()['resolution']} with "
-            f"ddpm-pipeline. The weights are the EMA weights (decay {recipe.train.ema_decay})"
+            f"ddpm-pipeline. "
+            + (f"The weights are the EMA weights (decay {recipe.train.ema_decay})" if ema
+               else "The weights are the raw training weights (the checkpoint had no EMA weights)")
             + (f" after {step:,} steps." if step is not None else "."), ""]
     out += _results_section(rows, results)
     out += _training_section(recipe, step, ts, command, _manifest(recipe))
@@ -155,7 +158,7 @@ def _model_section(recipe, parameters, sha) -> list[str]:
     if parameters:
         out[-1] += f" ({parameters:,} parameters)"
     if sha:
-        out += ["", f"sha256 of the EMA checkpoint file (`ema.safetensors`) these weights come from: `{sha}`"]
+        out += ["", f"sha256 of the checkpoint file these weights come from: `{sha}`"]
     return out + [""]
 
 

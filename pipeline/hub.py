@@ -139,16 +139,10 @@ def _load_local(path: Path, use_ema: bool, source: str | None) -> Pretrained:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
-    try:
-        from pipeline.checkpoint import latest_checkpoint
-    except ImportError:  # the training stage is not installed: read the pointer file ourselves
-        latest_checkpoint = None
-    if latest_checkpoint is not None:
-        ckpt = latest_checkpoint(run_dir)
-    else:
-        pointer = run_dir / "checkpoints" / "latest"
-        ckpt = run_dir / "checkpoints" / pointer.read_text().strip() if pointer.is_file() else None
-    if ckpt is None or not Path(ckpt).is_dir():
+    from pipeline.checkpoint import latest_checkpoint  # complete checkpoints only, never a half-written one
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
         raise LoadError(f"{run_dir}: run directory has no complete checkpoint yet")
     return Path(ckpt)
 
@@ -412,11 +406,13 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
     unet_kwargs = recipe.model.unet_kwargs()
     sha = file_sha256(weights)
     files: dict[str, Path] = {"config.yaml": config}
+    ema = weights.name != "model.safetensors"  # a checkpoint without EMA weights pushes its raw ones
     if format == "native":
-        files["ema.safetensors"] = weights
+        name = "ema.safetensors" if ema else "model.safetensors"
+        files[name] = weights
         desc = {"library": "ddpm-pipeline", "architecture": "DDPM U-Net (Ho et al. 2020)",
                 "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_kwargs.items()},
-                "diffusion": recipe.to_dict()["diffusion"], "weights": "ema.safetensors", "sha256": sha,
+                "diffusion": recipe.to_dict()["diffusion"], "weights": name, "ema": ema, "sha256": sha,
                 "parameters": sum(t.numel() for t in state.values()), "step": step}
         _write_json(out / "config.json", desc)
     else:
@@ -433,7 +429,7 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
         files["results.json"] = results_path
     for s in samples:
         files[f"samples/{Path(s).name}"] = Path(s)
-    card = render_model_card(recipe, results_data, repo_id=repo_id, format=format, step=step, weights_sha256=sha,
+    card = render_model_card(recipe, results_data, repo_id=repo_id, format=format, step=step, weights_sha256=sha, ema=ema,
                              parameters=sum(t.numel() for t in state.values()), command=command,
                              files=sorted(files) + ["README.md"], trainer_state=_trainer_state(weights.parent))
     (out / "README.md").write_text(card)

@@ -435,3 +435,16 @@ def test_eval_stage_reads_a_hub_id_and_its_results_push_back(tmp_path):
         other = make_run(tmp_path / "other", seed=9, results=False)
         r = _cli([str(other), "--repo-id", "alice/chain", "--results", str(out / "results.json")], srv, tmp_path)
         assert r.returncode == 2 and "computed for other weights" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_checkpoint_without_ema_is_pushed_as_raw_weights(hub, tmp_path):
+    run = make_run(tmp_path / "run", results=False)
+    ckpt = run / "checkpoints" / "step-00000040"
+    (ckpt / "ema.safetensors").unlink()
+    out = push_to_hub(ckpt, "alice/raw")
+    assert "model.safetensors" in out["files"] and "ema.safetensors" not in out["files"]
+    p = load_pretrained("alice/raw")
+    raw = load_state_dict(ckpt / "model.safetensors")
+    assert all(torch.equal(p.model.state_dict()[k], raw[k]) for k in raw)
+    card = hub.state.repos[("model", "alice/raw")].resolve("main").files["README.md"].content.decode()
+    assert "raw training weights" in card
