@@ -36,8 +36,18 @@ class EMA:
         torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA weights under the model's own state_dict keys (float32, contiguous, on CPU)."""
-        return {n: t.detach().cpu().contiguous() for n, t in zip(self.names, self.shadow)}
+        """A copy of the EMA weights under the model's own state_dict keys (float32, on CPU)."""
+        return {n: t.detach().to("cpu", copy=True).contiguous() for n, t in zip(self.names, self.shadow)}
+
+    def digest(self) -> str:
+        """sha256 of the EMA tensors' bytes (name order): equal on every rank, or ranks diverged."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for n, t in zip(self.names, self.shadow):
+            h.update(n.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -276,8 +276,14 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
             ckpt_io.begin(run_dir, step)
         acc.wait_for_everyone()
         acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        # Every rank's EMA digest: they must agree (DDP / ZeRO-2 keep the weights replicated).
+        from accelerate.utils import gather_object
+
+        digests = gather_object([ema.digest()])
         acc.wait_for_everyone()
         if main:
+            if len(set(digests)) != 1:
+                log.error("EMA differs between ranks at step %d: %s", step, digests)
             weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in net.state_dict().items()}
             save_file(weights, str(tmp / "model.safetensors"))
             save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
@@ -287,9 +293,10 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
                 "world_size": world, "global_batch_size": tc.global_batch_size,
                 "micro_batch_size": micro, "grad_accum": accum, "seed": tc.seed,
                 "nonfinite_total": state.nonfinite_total, "nonfinite_streak": state.nonfinite_streak,
-                "fp16_overflows": state.fp16_overflows, "mixed_precision": tc.mixed_precision,
+                "fp16_overflows": state.fp16_overflows, "ema_sha256_by_rank": digests,
+                "mixed_precision": tc.mixed_precision,
                 "distributed_type": str(acc.distributed_type), "time": time.time()})
-            final = ckpt_io.commit(run_dir, tmp, step, tc.keep_checkpoints)
+            ckpt_io.commit(run_dir, tmp, step, tc.keep_checkpoints)
         acc.wait_for_everyone()
         return run_dir / "checkpoints" / ckpt_io.step_name(step)
 

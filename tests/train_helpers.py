@@ -1,0 +1,93 @@
+"""Shared by the training tests: a tiny recipe on real shards, launching, reading checkpoints."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+ACCELERATE = str(Path(PY).with_name("accelerate"))
+
+# Tiny and fast on 2 loaded CPU cores: 16x16 images, ch 32, one res block per level.
+TINY_RECIPE = {
+    "model": {"resolution": 16, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+              "attn_resolutions": [8], "dropout": 0.1},
+    "diffusion": {"timesteps": 100},
+    "data": {"shards": "", "num_workers": 0, "random_flip": True},
+    "train": {"global_batch_size": 4, "max_steps": 8, "lr": 1.0e-3, "warmup_steps": 3,
+              "ema_decay": 0.9, "checkpoint_every": 2, "keep_checkpoints": 2, "log_every": 2,
+              "sample_every": 0, "sample_count": 4, "seed": 7},
+    "run": {"name": "t", "output_dir": "", "tracker": "none"},
+}
+
+
+def make_tiny_shards(out: Path, n_train: int = 24) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from data_fixtures import make_shards
+
+    if not (out / "manifest.json").is_file():
+        make_shards(out, n_train=n_train, n_test=4, resolution=16, shard_size=7)
+    return out
+
+
+def write_recipe(path: Path, shards: Path, run_dir: Path, **sections) -> Path:
+    r = {k: dict(v) for k, v in TINY_RECIPE.items()}
+    r["data"]["shards"] = str(shards)
+    r["run"]["output_dir"] = str(run_dir)
+    for section, values in sections.items():
+        r[section].update(values)
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+    e.pop("ACCELERATE_USE_CPU", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def train_cmd(recipe: Path, *overrides: str, procs: int = 1, deepspeed: bool = False) -> tuple[list, dict]:
+    """The command line (and environment) of a training launch on CPU."""
+    if procs == 1 and not deepspeed:
+        return [PY, str(ROOT / "pipeline" / "train.py"), str(recipe), *overrides], env()
+    if deepspeed:
+        cfg, e = ROOT / "recipes/accelerate/deepspeed_zero2.yaml", env()  # no ACCELERATE_USE_CPU
+    else:
+        cfg, e = ROOT / "recipes/accelerate/cpu_2proc.yaml", env(ACCELERATE_USE_CPU=1)
+    return [ACCELERATE, "launch", "--config_file", str(cfg), "--num_processes", str(procs),
+            "--main_process_port", str(free_port()), str(ROOT / "pipeline" / "train.py"),
+            str(recipe), *overrides], e
+
+
+def run_train(recipe: Path, *overrides: str, procs: int = 1, deepspeed: bool = False,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd, e = train_cmd(recipe, *overrides, procs=procs, deepspeed=deepspeed)
+    return subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(ckpt: Path, name: str = "model.safetensors") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / name))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k] - b[k]).abs().max().item()}"
