@@ -231,13 +231,28 @@ def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source
     except RecipeError as e:
         raise LoadError(str(e)) from None
     model = recipe.model.build()
-    state = load_state_dict(weights)
+    state = _rename_deprecated_attention(load_state_dict(weights))
     try:
         state = convert.from_diffusers(state)
     except (KeyError, ValueError) as e:
         raise LoadError(f"{weights}: weights do not match the diffusers UNet2DModel layout: {e}") from None
     _load_into(model, state, weights)
     return Pretrained(model.eval(), recipe.diffusion.build(), recipe, source or str(weights))
+
+
+_OLD_ATTN = re.compile(r"(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
+_NEW_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_deprecated_attention(state: dict) -> dict:
+    """Checkpoints converted by early diffusers (the google/ddpm-* uploads among them) name the
+    attention projections query/key/value/proj_attn; diffusers renames them on load
+    (ModelMixin._convert_deprecated_attention_blocks), and so do we."""
+    out = {}
+    for k, v in state.items():
+        m = _OLD_ATTN.fullmatch(k)
+        out[f"{m.group(1)}.{_NEW_ATTN[m.group(2)]}.{m.group(3)}" if m else k] = v
+    return out
 
 
 def _load_into(model: torch.nn.Module, state: dict, weights: Path) -> None:

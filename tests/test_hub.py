@@ -448,3 +448,26 @@ def test_checkpoint_without_ema_is_pushed_as_raw_weights(hub, tmp_path):
     assert all(torch.equal(p.model.state_dict()[k], raw[k]) for k in raw)
     card = hub.state.repos[("model", "alice/raw")].resolve("main").files["README.md"].content.decode()
     assert "raw training weights" in card
+
+
+def test_early_diffusers_attention_names_load_like_diffusers(tmp_path):
+    """The google/ddpm-* uploads predate diffusers' to_q/to_k/to_v/to_out.0 attention names."""
+    import re
+
+    from diffusers import UNet2DModel
+
+    ref = google_style_unet(seed=7)
+    folder = tmp_path / "old"
+    ref.save_pretrained(folder, safe_serialization=False)
+    new2old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    state = torch.load(folder / "diffusion_pytorch_model.bin", weights_only=True)
+    old = {re.sub(r"(attentions\.\d+)\.(to_q|to_k|to_v|to_out\.0)\.", lambda m: f"{m.group(1)}.{new2old[m.group(2)]}.", k): v
+           for k, v in state.items()}
+    assert sum(".query." in k for k in old) == 8  # weight + bias of 4 blocks: down 1, mid 1, up 2
+    torch.save(old, folder / "diffusion_pytorch_model.bin")
+    theirs = UNet2DModel.from_pretrained(folder).eval()
+    ours = load_pretrained(folder).model
+    x, t = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(8)), torch.tensor([3, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t), theirs(x, t).sample, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(x, t), ref(x, t).sample, rtol=0, atol=1e-5)
