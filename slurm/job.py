@@ -54,6 +54,7 @@ class JobSpec:
     max_requeues: int = 20
     signal_delay_s: int = 120  # how long before the end of the time limit submitit's signal comes
     save_timeout_s: int = 300  # how long checkpoint() waits for training to save and exit
+    time_limit_s: int | None = None  # the job's --time, to tell a time limit from a preemption
 
 
 # ---------------------------------------------------------------------------- requeue count
@@ -138,6 +139,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self._proc: subprocess.Popen | None = None
         self._terminated = False
         self._asked_to_save = False
+        self._started = time.time()
 
     def __getstate__(self):  # the requeued submission pickles only the spec
         return {"spec": self.spec}
@@ -221,8 +223,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args, **kwargs):
         """Called by submitit on rank 0 at the time-limit / preemption signal."""
         s = self.spec
+        # Slurm >= 23.02 exports the scheduled end; before that, start of this run + time limit.
         end = os.environ.get("SLURM_JOB_END_TIME")
-        kind = interruption_kind(time.time(), float(end) if end else None, s.signal_delay_s)
+        end = float(end) if end else (self._started + s.time_limit_s if s.time_limit_s else None)
+        kind = interruption_kind(time.time(), end, s.signal_delay_s)
         job_id = submitit.JobEnvironment().job_id
         log(f"{kind} signal: asking training to save after its current step")
         self._ask_to_save()

@@ -105,6 +105,8 @@ SchedulerType=sched/backfill
 # Schedule every second (otherwise a requeued job waits ~120 s before it starts again).
 SchedulerParameters=sched_interval=1,bf_interval=1
 JobRequeue=1
+# Refuse at submission what no node of the partition could ever run (instead of pending forever).
+EnforcePartLimits=ALL
 # A job in a partition of higher PriorityTier preempts; the victim gets its --signal at once
 # (preempt_send_user_signal), GraceTime seconds to save, and is requeued.
 PreemptType=preempt/partition_prio
@@ -123,7 +125,13 @@ NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
 PartitionName=low Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE
 PartitionName=high Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
-  mv "$CONF.tmp" "$CONF"
+  if ! cmp -s "$CONF.tmp" "$CONF"; then
+    mv "$CONF.tmp" "$CONF"
+    # A running controller rereads a changed config (a restart would also work).
+    if running slurmctld; then scontrol reconfigure >/dev/null 2>&1 || true; fi
+  else
+    rm -f "$CONF.tmp"
+  fi
   cat >"$DIR/slurmdbd.conf.tmp" <<EOF
 AuthType=auth/munge
 AuthInfo=socket=$DIR/munge/munge.socket.2

@@ -158,7 +158,7 @@ def prepare(args, workdir: Path):
         deepspeed_config=str(Path(args.deepspeed_config).absolute()) if args.deepspeed_config else None,
         env={"ACCELERATE_USE_CPU": "1"} if args.cpu else {},
         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay_s,
-        save_timeout_s=max(30, args.signal_delay_s - 15),
+        save_timeout_s=max(30, args.signal_delay_s - 15), time_limit_s=parse_time(args.time) * 60,
     )
     return spec, sbatch_parameters(args, name), recipe
 
@@ -191,6 +191,7 @@ def submit(spec, params: dict, recipe=None):
     if shutil.which("sbatch") is None:
         raise SubmitError("sbatch is not on PATH: no Slurm client on this machine (try --dry-run)")
     job_dir = Path(spec.job_dir)
+    created = not job_dir.exists()
     job_dir.mkdir(parents=True, exist_ok=True)
     if recipe is not None:
         from pipeline.config import save_recipe
@@ -202,6 +203,8 @@ def submit(spec, params: dict, recipe=None):
     try:
         job = executor.submit(TrainingJob(spec))
     except (FailedJobError, OSError) as e:
+        if created:  # nothing was submitted: leave no job folder behind
+            shutil.rmtree(job_dir, ignore_errors=True)
         raise SubmitError(f"Slurm refused the job: {_sbatch_reason(str(e))}") from None
     _atomic_write(job_dir / "submission.json", json.dumps(
         {"job_id": job.job_id, "sbatch": params, "launch": preview_command(spec, params["nodes"]),
