@@ -4,7 +4,13 @@ The environments below are what Slurm sets in the task of each node of an
 `sbatch --nodes N --ntasks-per-node 1` job; node lists use Slurm's compressed form.
 """
 
+import json
+import os
 import shutil
+import signal
+import sys
+import time
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -18,6 +24,10 @@ from slurm.launch import (
     node_launch_from_env,
     port_for_job,
 )
+from slurm.job import descendants, interruption_kind, read_requeues, record_requeue, signal_tree
+from slurm.submit import SubmitError, main as submit_main, parse_time
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NODELIST_16 = "gpu[001-004,010],dgx-a[07-09],r1n[1-2],login5,h100-[0998-1002]"
 HOSTS_16 = (["gpu001", "gpu002", "gpu003", "gpu004", "gpu010", "dgx-a07", "dgx-a08", "dgx-a09",
@@ -179,3 +189,130 @@ def test_bad_environment_is_reported(change, message):
             env[k] = v
     with pytest.raises(SlurmEnvError, match=message):
         node_launch_from_env(env, procs_per_node=8, use_scontrol=False)
+
+
+# ---------------------------------------------------------------------------- the submit CLI
+
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data_fixtures import make_shards
+
+    return make_shards(tmp_path_factory.mktemp("slurm-cli") / "shards", n_train=8, n_test=2)
+
+
+@pytest.mark.parametrize("text, minutes", [("00:10:00", 10), ("48:00:00", 2880), ("90", 90), ("1:30", 2),
+                                           ("2-00:00:00", 2880), ("1-12", 2160), ("00:00:30", 1)])
+def test_parse_time(text, minutes):
+    assert parse_time(text) == minutes
+
+
+@pytest.mark.parametrize("bad", ["", "ten", "1:2:3:4", "00:00:00", "-5"])
+def test_parse_time_rejects(bad):
+    with pytest.raises(SubmitError):
+        parse_time(bad)
+
+
+def test_dry_run_prints_sbatch_parameters_and_launch_command(shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = submit_main([str(ROOT / "recipes" / "quickstart.yaml"), f"data.shards={shards}", "train.max_steps=7",
+                      f"run.output_dir={tmp_path / 'run'}", "--nodes", "4", "--gpus-per-node", "8",
+                      "--partition", "gpu", "--time", "02:00:00", "--account", "proj", "--qos", "high",
+                      "--constraint", "a100", "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    params = json.loads(out.split("# sbatch parameters\n")[1].split("# sbatch script")[0])
+    assert params["nodes"] == 4 and params["ntasks_per_node"] == 1 and params["gpus_per_node"] == 8
+    assert params["time"] == 120 and params["partition"] == "gpu" and params["constraint"] == "a100"
+    script = out.split("# sbatch script (submitit)\n")[1]
+    for flag in ["--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=120", "--account=proj",
+                 "--qos=high", "--signal=USR2@120", "--requeue"]:
+        assert f"#SBATCH {flag}" in script
+    launch = out.strip().splitlines()[-1]
+    assert "--num_processes 32" in launch and "--num_machines 4" in launch
+    assert "--machine_rank $SLURM_NODEID" in launch and "--main_process_ip FIRST_HOST" in launch
+    assert launch.endswith("recipe.yaml")  # the job trains from the resolved copy in its folder
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_recipe_error_exits_2_before_submission(shards, tmp_path, capsys):
+    rc = submit_main([str(ROOT / "recipes" / "quickstart.yaml"), f"data.shards={shards}", "train.lrr=1",
+                      f"run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown key 'train.lrr'" in err and "did you mean 'train.lr'" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_exits_2(tmp_path, capsys):
+    rc = submit_main([str(ROOT / "recipes" / "quickstart.yaml"), f"data.shards={tmp_path / 'none'}", "--dry-run"])
+    assert rc == 2 and "no manifest.json" in capsys.readouterr().err
+
+
+def test_missing_sbatch_exits_2(shards, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without any Slurm client
+    rc = submit_main([str(ROOT / "recipes" / "quickstart.yaml"), f"data.shards={shards}",
+                      f"run.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sbatch is not on PATH" in err and "Traceback" not in err
+
+
+def test_eval_submission_dry_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = submit_main(["--eval", "--gpus-per-node", "4", "--dry-run", "--", "sample", "runs/x", "--out", "s"])
+    launch = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rc == 0 and launch.endswith("--multi_gpu --machine_rank $SLURM_NODEID --main_process_ip FIRST_HOST "
+                                       "--main_process_port $((12000 + SLURM_JOB_ID % 20000)) -m eval sample runs/x --out s")
+    assert submit_main(["--eval", "--dry-run"]) == 2
+
+
+# ---------------------------------------------------------------------------- the job's pieces
+
+
+def test_interruption_kind():
+    now = 1_000_000.0
+    assert interruption_kind(now, now + 90, signal_delay_s=120) == "timeout"  # at the time-limit signal
+    assert interruption_kind(now, now + 3600, signal_delay_s=120) == "preemption"
+    assert interruption_kind(now, None, signal_delay_s=120) == "timeout-or-preemption"
+
+
+def test_requeue_count_persists_in_the_job_folder(tmp_path):
+    assert read_requeues(str(tmp_path))["count"] == 0
+    assert record_requeue(str(tmp_path), "preemption", "7") == 1
+    assert record_requeue(str(tmp_path), "timeout", "7") == 2
+    state = json.loads((tmp_path / "requeues.json").read_text())
+    assert [e["kind"] for e in state["events"]] == ["preemption", "timeout"]
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_signal_tree_reaches_grandchildren_in_other_sessions(tmp_path):
+    # Like torch elastic: the launcher's workers run in sessions of their own, so a process-group
+    # kill would miss them. The launcher ignores SIGUSR1; the worker records it and exits 75.
+    worker = (
+        "import signal, sys, time, pathlib\n"
+        "def h(*a):\n"
+        f"    pathlib.Path({str(tmp_path / 'got')!r}).write_text('usr1'); sys.exit(75)\n"
+        "signal.signal(signal.SIGUSR1, h)\n"
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).write_text('1')\n"
+        "time.sleep(60)\n"
+    )
+    launcher = (
+        "import signal, subprocess, sys\n"
+        "signal.signal(signal.SIGUSR1, signal.SIG_IGN)\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
+        "sys.exit(p.wait())\n"
+    )
+    import subprocess as sp
+
+    proc = sp.Popen([sys.executable, "-c", launcher])
+    try:
+        end = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        kids = descendants(proc.pid)
+        assert len(kids) == 1 and os.getsid(kids[0]) != os.getsid(proc.pid)
+        signal_tree(proc.pid, signal.SIGUSR1)
+        assert proc.wait(timeout=30) == 75
+        assert (tmp_path / "got").read_text() == "usr1"
+    finally:
+        proc.kill()
