@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.preprocess import FORMATS
+from data_prep.preprocess import FORMATS, PNG_LEVEL
 from data_prep.shards import prepare
 from data_prep.sources import PrepError, open_source
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--format", choices=FORMATS, default="png",
                        help="png (lossless, default), jpg (see --quality) or npy (raw uint8 HWC)")
         p.add_argument("--quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
+        p.add_argument("--png-level", type=int, default=PNG_LEVEL,
+                       help=f"zlib level 0-9 of stored PNGs (default {PNG_LEVEL}; 0 = uncompressed, "
+                            "fastest to decode; see bench/RESULTS.md)")
         p.add_argument("--allow-upscale", action="store_true",
                        help="accept images smaller than --resolution (default: skip them, recorded in the manifest)")
         if kind != "cifar10":
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("--test-count", getattr(args, "test_count", None), 0)):
             if v is not None and v < lo:
                 raise PrepError(f"{name} must be >= {lo}, got {v}")
+        if not 0 <= args.png_level <= 9:
+            raise PrepError(f"--png-level must be in 0..9, got {args.png_level}")
         if not 1 <= args.quality <= 100:
             raise PrepError(f"--quality must be in 1..100, got {args.quality}")
         frac = getattr(args, "test_fraction", 0.0)
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PrepError(f"--test-fraction must be in [0, 1), got {frac}")
         source = open_source(args.kind, args.src)
         m = prepare(source, args.out, resolution=args.resolution, fmt=args.format, quality=args.quality,
-                    allow_upscale=args.allow_upscale, test_count=getattr(args, "test_count", None),
+                    allow_upscale=args.allow_upscale, png_level=args.png_level, test_count=getattr(args, "test_count", None),
                     test_fraction=frac, shard_size=args.shard_size, workers=args.workers,
                     limit=args.limit, command=["python", "-m", "data_prep", *argv],
                     progress=not args.no_progress)

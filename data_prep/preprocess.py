@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 FORMATS = ("png", "jpg", "npy")
+# zlib level of stored PNGs; see bench/RESULTS.md "## Data" for the size / decode-speed trade-off.
+PNG_LEVEL = 1
 
 
 class TooSmall(ValueError):
@@ -49,8 +51,9 @@ def decode_image(data: bytes) -> Image.Image:
     return img
 
 
-def encode(img: Image.Image | np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
-    """Bytes of one stored sample: PNG (lossless, default), JPEG (`quality`), or npy (uint8 HWC)."""
+def encode(img: Image.Image | np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = PNG_LEVEL) -> bytes:
+    """Bytes of one stored sample: PNG (lossless, default; zlib `png_level`), JPEG (`quality`),
+    or npy (uint8 HWC)."""
     if fmt == "npy":
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(np.asarray(img, dtype=np.uint8)), allow_pickle=False)
@@ -59,9 +62,7 @@ def encode(img: Image.Image | np.ndarray, fmt: str = "png", quality: int = 95) -
         img = Image.fromarray(img)
     buf = io.BytesIO()
     if fmt == "png":
-        # compress_level 1: about as small as level 6 on photographs and several times faster to write;
-        # decode speed does not depend on the level.
-        img.save(buf, format="PNG", compress_level=1)
+        img.save(buf, format="PNG", compress_level=png_level)
     elif fmt == "jpg":
         img.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
     else:
@@ -69,6 +70,7 @@ def encode(img: Image.Image | np.ndarray, fmt: str = "png", quality: int = 95) -
     return buf.getvalue()
 
 
-def process_bytes(data: bytes, resolution: int, fmt: str, quality: int, allow_upscale: bool) -> bytes:
+def process_bytes(data: bytes, resolution: int, fmt: str, quality: int, allow_upscale: bool,
+                  png_level: int = PNG_LEVEL) -> bytes:
     """Encoded source bytes -> encoded sample bytes (raises on undecodable / too small input)."""
-    return encode(center_crop_resize(decode_image(data), resolution, allow_upscale), fmt, quality)
+    return encode(center_crop_resize(decode_image(data), resolution, allow_upscale), fmt, quality, png_level)

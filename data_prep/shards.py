@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.preprocess import TooSmall, center_crop_resize, encode, process_bytes
+from data_prep.preprocess import PNG_LEVEL, TooSmall, center_crop_resize, encode, process_bytes
 from data_prep.sources import PrepError
 
 TOOL = "ddpm-pipeline data_prep 1"
@@ -83,8 +83,8 @@ def write_json_atomic(path: Path, obj) -> None:
 _W: dict = {}
 
 
-def _init_worker(source, resolution, fmt, quality, allow_upscale):
-    _W.update(source=source, res=resolution, fmt=fmt, q=quality, up=allow_upscale)
+def _init_worker(source, resolution, fmt, quality, allow_upscale, png_level):
+    _W.update(source=source, res=resolution, fmt=fmt, q=quality, up=allow_upscale, lvl=png_level)
 
 
 def _work(task):
@@ -94,10 +94,10 @@ def _work(task):
         raw = _W["source"].read(payload)
         if isinstance(raw, np.ndarray):  # CIFAR-10: already pixels
             if raw.shape[0] == raw.shape[1] == _W["res"]:
-                return key, encode(raw, _W["fmt"], _W["q"]), None
+                return key, encode(raw, _W["fmt"], _W["q"], _W["lvl"]), None
             img = center_crop_resize(Image.fromarray(raw), _W["res"], _W["up"])
-            return key, encode(img, _W["fmt"], _W["q"]), None
-        return key, process_bytes(raw, _W["res"], _W["fmt"], _W["q"], _W["up"]), None
+            return key, encode(img, _W["fmt"], _W["q"], _W["lvl"]), None
+        return key, process_bytes(raw, _W["res"], _W["fmt"], _W["q"], _W["up"], _W["lvl"]), None
     except TooSmall as e:
         return key, None, str(e)
     except Exception as e:  # noqa: BLE001 - a corrupt input never stops the run; it is recorded
@@ -144,7 +144,7 @@ def _check_output(out: Path, digest: str, describe: dict) -> dict | None:
 
 
 def prepare(source, out, *, resolution: int, fmt: str = "png", quality: int = 95,
-            allow_upscale: bool = False, test_count: int | None = None, test_fraction: float = 0.0,
+            allow_upscale: bool = False, png_level: int = PNG_LEVEL, test_count: int | None = None, test_fraction: float = 0.0,
             shard_size: int = 1000, workers: int = 1, limit: int | None = None,
             command: list[str] | None = None, progress: bool = True) -> dict:
     """Turn `source` (see data_prep.sources) into shards + manifest.json under `out`; returns the
@@ -154,6 +154,7 @@ def prepare(source, out, *, resolution: int, fmt: str = "png", quality: int = 95
     plan = make_plan(assign_splits(items, test_count, test_fraction), shard_size)
     describe = {"dataset": source.kind, "source": str(source.path), "resolution": resolution,
                 "format": fmt, "quality": quality if fmt == "jpg" else None,
+                "png_level": png_level if fmt == "png" else None,
                 "allow_upscale": allow_upscale, "shard_size": shard_size, "limit": limit,
                 "test_count": test_count, "test_fraction": None if test_count is not None else test_fraction}
     digest = plan_digest(plan, describe)
@@ -176,7 +177,7 @@ def prepare(source, out, *, resolution: int, fmt: str = "png", quality: int = 95
     tasks = ((key, payload) for _, _, its in pending for key, _, payload in its)
     total = sum(len(its) for _, _, its in pending)
     pool = None
-    init = (source, resolution, fmt, quality, allow_upscale)
+    init = (source, resolution, fmt, quality, allow_upscale, png_level)
     if workers > 1 and total:
         pool = mp.get_context("fork").Pool(workers, _init_worker, init)
         results = pool.imap(_work, tasks, chunksize=16)

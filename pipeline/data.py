@@ -35,24 +35,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample"]
+__all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample", "DECODERS"]
 
 
 class DataError(RuntimeError):
     """Bad shard source, or too many corrupt samples."""
 
 
-def decode_sample(ext: str, data: bytes) -> torch.Tensor:
-    """Stored sample bytes -> uint8 [3, H, W]."""
+DECODERS = ("pil", "torchvision")
+
+
+def decode_hwc(ext: str, data: bytes, decoder: str = "pil") -> np.ndarray:
+    """Stored sample bytes -> uint8 [H, W, 3] (a view where possible). `decoder` picks the
+    PNG/JPEG decoder: Pillow (default) or torchvision.io (libpng / libjpeg-turbo; deprecated
+    since torchvision 0.29, and not faster here: bench/RESULTS.md)."""
     if ext == "npy":
         arr = np.load(io.BytesIO(data), allow_pickle=False)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
             raise ValueError(f"npy sample has dtype {arr.dtype} shape {arr.shape}, expected uint8 [H, W, 3]")
-        return torch.from_numpy(arr).permute(2, 0, 1)
-    from torchvision.io import ImageReadMode, decode_image
+        return arr
+    if decoder == "torchvision":
+        import warnings
 
-    # libpng / libjpeg-turbo straight into a CHW tensor: no PIL object, no extra copy.
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        from torchvision.io import ImageReadMode, decode_image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return x.permute(1, 2, 0).numpy()
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def decode_sample(ext: str, data: bytes, decoder: str = "pil") -> torch.Tensor:
+    """Stored sample bytes -> uint8 [3, H, W] (contiguous)."""
+    return torch.from_numpy(np.ascontiguousarray(decode_hwc(ext, data, decoder).transpose(2, 0, 1)))
 
 
 def _scan_tar(path: str) -> list[tuple[str, str, int, int]]:
@@ -150,10 +171,11 @@ class ShardSet:
 
 
 class _Batches(torch.utils.data.Dataset):
-    """dataset[(indices, flips)] -> (float32 [B, 3, H, W] in [-1, 1], [(shard, key, reason)])."""
+    """dataset[(indices, flips)] -> (batch [B, 3, H, W], [(shard, key, reason)]): float32 in
+    [-1, 1], or uint8 in [0, 255] with `to_float=False`."""
 
-    def __init__(self, shards: ShardSet):
-        self.shards = shards
+    def __init__(self, shards: ShardSet, decoder: str = "pil", to_float: bool = True):
+        self.shards, self.decoder, self.to_float = shards, decoder, to_float
 
     def __len__(self):  # unused: the sampler drives the DataLoader
         return len(self.shards)
@@ -162,14 +184,16 @@ class _Batches(torch.utils.data.Dataset):
         indices, flips = spec
         imgs, bad = [], []
         res = self.shards.resolution
-        for i, flip in zip(indices.tolist(), flips.tolist()):
+        for i in indices.tolist():
             path, key = self.shards.paths[self.shards.locate(i)[0]], f"#{i}"
             try:
                 path, key, ext, data = self.shards.read(i)
-                x = decode_sample(ext, data)
-                if x.shape[0] != 3 or (res is not None and tuple(x.shape[1:]) != (res, res)):
-                    raise ValueError(f"shape {tuple(x.shape)}, expected (3, {res}, {res})")
-                imgs.append(x.flip(-1) if flip else x)
+                x = decode_hwc(ext, data, self.decoder)
+                if x.ndim != 3 or x.shape[2] != 3 or (res is not None and x.shape[:2] != (res, res)):
+                    raise ValueError(f"shape {x.shape}, expected ({res}, {res}, 3)")
+                if imgs and imgs[0] is not None and x.shape != imgs[0].shape:
+                    raise ValueError(f"shape {x.shape} differs from the batch's {imgs[0].shape}")
+                imgs.append(x)
             except DataError:
                 raise
             except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and reported
@@ -178,39 +202,79 @@ class _Batches(torch.utils.data.Dataset):
         good = [k for k, x in enumerate(imgs) if x is not None]
         if not good:
             raise DataError(f"{bad[0][0]}: every sample of a batch is corrupt (first: {bad[0][1]}: {bad[0][2]})")
-        for k in range(len(imgs)):  # replace by the next decodable sample of the same batch (cyclic)
-            if imgs[k] is None:
+        h, w, _ = imgs[good[0]].shape
+        u = np.empty((len(imgs), 3, h, w), dtype=np.uint8)
+        for k, (x, flip) in enumerate(zip(imgs, flips.tolist())):
+            if x is None:  # replace by the next decodable sample of the same batch (cyclic)
                 later = [g for g in good if g > k]
-                imgs[k] = imgs[later[0] if later else good[0]]
-        # uint8 -> [-1, 1] (the paper scales images to [-1, 1]); done in the worker, in parallel.
-        return torch.stack(imgs).float().div_(127.5).sub_(1.0), bad
+                x = imgs[later[0] if later else good[0]]
+            u[k] = (x[:, ::-1] if flip else x).transpose(2, 0, 1)  # HWC -> CHW, mirrored if flipped
+        out = torch.from_numpy(u)
+        if self.to_float:
+            # [0, 255] -> [-1, 1] (the paper scales images to [-1, 1]); in the worker, in parallel.
+            out = out.float().div_(127.5).sub_(1.0)
+        return out, bad
+
+
+class EpochOrder:
+    """The global sample stream: per-epoch seeded permutations of N indices and flip bits."""
+
+    def __init__(self, num_samples: int, seed: int, random_flip: bool):
+        self.n, self.seed, self.random_flip = num_samples, seed, random_flip
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(permutation of the N sample indices, flip bit per sample index) of epoch e."""
+        if e not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(min(self._cache))
+            perm = np.random.default_rng([self.seed, e]).permutation(self.n)
+            flips = np.random.default_rng([self.seed, e, 1]).integers(0, 2, self.n).astype(bool)
+            self._cache[e] = (perm, flips & self.random_flip)
+        return self._cache[e]
+
+    def stream(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample indices, flips) at global stream positions [lo, hi)."""
+        idx, flp = [], []
+        j = lo
+        while j < hi:
+            e, k = divmod(j, self.n)
+            m = min(hi - j, self.n - k)
+            perm, flips = self.epoch(e)
+            idx.append(perm[k:k + m])
+            flp.append(flips[perm[k:k + m]])
+            j += m
+        return np.concatenate(idx), np.concatenate(flp)
 
 
 class _Specs(torch.utils.data.Sampler):
-    """Endless (indices, flips) for one rank, starting at global stream position `start`."""
+    """Endless (indices, flips) for one rank, starting at global stream position `start`.
+    (Holds the order, not the loader: no reference cycle, so a dropped loader's workers stop at once.)"""
 
-    def __init__(self, loader: "TrainLoader", start: int):
-        self.loader, self.start = loader, start
+    def __init__(self, order: EpochOrder, start: int, rank: int, batch_size: int, world_size: int):
+        self.order, self.start, self.rank, self.b, self.g = order, start, rank, batch_size, batch_size * world_size
 
     def __iter__(self):
-        L = self.loader
         p = self.start
         while True:
-            lo = p + L.rank * L.batch_size
-            yield L.stream(lo, lo + L.batch_size)
-            p += L.global_batch
+            lo = p + self.rank * self.b
+            yield self.order.stream(lo, lo + self.b)
+            p += self.g
 
 
 class TrainLoader:
     """Endless iterator of float32 [batch_size, 3, H, W] batches in [-1, 1] for one rank.
 
+    `dtype=torch.uint8` yields the same images as uint8 in [0, 255] instead (4x less to move
+    between processes and to the GPU; convert there with `x.float() / 127.5 - 1`).
     See the module docstring for the order; `state_dict()` / `load_state_dict()` carry the
     global position, so a resumed run (also with another world size) reads what an
     uninterrupted run would have read next. Do not pass it through `accelerator.prepare()`."""
 
     def __init__(self, source, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  random_flip: bool = True, num_workers: int = 2, max_corrupt: int = 10,
-                 split: str = "train", prefetch_factor: int = 2):
+                 split: str = "train", prefetch_factor: int = 2, decoder: str = "pil",
+                 dtype: torch.dtype = torch.float32):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if batch_size < 1:
@@ -222,37 +286,22 @@ class TrainLoader:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.global_batch = batch_size * world_size
         self.seed, self.random_flip = seed, random_flip
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         self.num_workers, self.max_corrupt, self.prefetch_factor = num_workers, max_corrupt, prefetch_factor
+        if dtype not in (torch.float32, torch.uint8):
+            raise ValueError(f"dtype must be torch.float32 ([-1, 1]) or torch.uint8 ([0, 255]), got {dtype}")
+        self.decoder, self.dtype = decoder, dtype
         self.position = 0  # global samples consumed by the trainer (all ranks together)
         self.skipped = 0  # corrupt samples replaced on this rank (each occurrence)
         self.corrupt: dict[str, str] = {}  # "shard:key" -> reason, distinct
-        self._perm_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.order = EpochOrder(self.num_samples, seed, random_flip)
         self._it = None
         self._dl = None
 
-    # -- order ------------------------------------------------------------------------------
-    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permutation of the N sample indices, flip bit per sample index) of one epoch."""
-        if epoch not in self._perm_cache:
-            if len(self._perm_cache) >= 2:
-                self._perm_cache.pop(min(self._perm_cache))
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            flips = np.random.default_rng([self.seed, epoch, 1]).integers(0, 2, self.num_samples).astype(bool)
-            self._perm_cache[epoch] = (perm, flips & self.random_flip)
-        return self._perm_cache[epoch]
-
     def stream(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(sample indices, flips) at global stream positions [lo, hi)."""
-        idx, flp = [], []
-        j = lo
-        while j < hi:
-            e, k = divmod(j, self.num_samples)
-            n = min(hi - j, self.num_samples - k)
-            perm, flips = self.epoch_order(e)
-            idx.append(perm[k:k + n])
-            flp.append(flips[perm[k:k + n]])
-            j += n
-        return np.concatenate(idx), np.concatenate(flp)
+        return self.order.stream(lo, hi)
 
     @property
     def epoch(self) -> int:
@@ -263,8 +312,10 @@ class TrainLoader:
         kw = dict(num_workers=self.num_workers)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        self._dl = torch.utils.data.DataLoader(_Batches(self.shards), batch_size=None,
-                                               sampler=_Specs(self, self.position), **kw)
+        self._dl = torch.utils.data.DataLoader(_Batches(self.shards, self.decoder, self.dtype == torch.float32),
+                                               batch_size=None,
+                                               sampler=_Specs(self.order, self.position, self.rank, self.batch_size,
+                                                              self.world_size), **kw)
         self._it = iter(self._dl)
 
     def __iter__(self):

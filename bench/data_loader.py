@@ -1,0 +1,122 @@
+"""Loader throughput per CPU core at 256x256: pipeline.data.TrainLoader over data_prep shards
+vs the usual peer, torchvision ImageFolder + PIL over the original (larger) JPEGs with the
+same centre crop + LANCZOS resize + flip done on the fly.
+
+Everything runs in this process with one torch thread and num_workers=0, so img/s is per
+core. Inputs: photographs shipped with scikit-image, cut into 512x384 JPEGs (q90), like
+LSUN / CelebA-HQ originals are larger JPEGs. Each loader yields float32 NCHW in [-1, 1].
+
+    python bench/data_loader.py [--images 160] [--batch 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_prep.preprocess import center_crop_resize  # noqa: E402
+from data_prep.shards import prepare  # noqa: E402
+from data_prep.sources import FolderSource  # noqa: E402
+from pipeline.data import TrainLoader  # noqa: E402
+
+PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+          "hubble_deep_field.jpg", "ihc.png"]
+
+
+def load_photos() -> list[Image.Image]:
+    """The colour photographs inside scikit-image's data folder (no download)."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return [Image.open(folder / name).convert("RGB") for name in PHOTOS]
+
+
+def make_originals(folder: Path, n: int, seed: int = 0) -> None:
+    """n photographs cut to 512x384 JPEG (random crops of the scikit-image samples)."""
+    photos = load_photos()
+    rng = np.random.default_rng(seed)
+    (folder / "all").mkdir(parents=True, exist_ok=True)  # ImageFolder wants one class folder
+    for i in range(n):
+        img = photos[i % len(photos)]
+        scale = max(512 / img.width, 384 / img.height) * rng.uniform(1.0, 1.4)
+        img = img.resize((int(img.width * scale + 1), int(img.height * scale + 1)), Image.BICUBIC)
+        x, y = rng.integers(0, img.width - 512 + 1), rng.integers(0, img.height - 384 + 1)
+        img.crop((x, y, x + 512, y + 384)).save(folder / "all" / f"{i:05d}.jpg", quality=90)
+
+
+def peer_loader(folder: Path, batch: int, res: int):
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    tf = T.Compose([T.Lambda(lambda im: center_crop_resize(im, res)), T.RandomHorizontalFlip(),
+                    T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    ds = ImageFolder(str(folder), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
+
+
+def rate(make_iter, n_images: int, batch: int, repeats: int) -> float:
+    """Best-of-`repeats` images/s over n_images (whole batches)."""
+    best = 0.0
+    for _ in range(repeats):
+        it = make_iter()
+        next(it)  # warm-up: first batch (file opens, tar index) not timed
+        t0, seen = time.perf_counter(), 0
+        while seen < n_images:
+            b = next(it)
+            seen += len(b[0] if isinstance(b, (list, tuple)) else b)
+        best = max(best, seen / (time.perf_counter() - t0))
+    return best
+
+
+def endless(dl):
+    while True:
+        yield from dl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=160)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    variants = [("png (level 1, default)", dict(fmt="png", png_level=1), "pil"),
+                ("png (level 1), torchvision decode", dict(fmt="png", png_level=1), "torchvision"),
+                ("png (level 0, uncompressed)", dict(fmt="png", png_level=0), "pil"),
+                ("npy", dict(fmt="npy"), "pil"),
+                ("jpg q95 (lossy)", dict(fmt="jpg", quality=95), "pil")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_originals(tmp / "orig", args.images)
+        orig_kb = sum(f.stat().st_size for f in (tmp / "orig" / "all").iterdir()) / args.images / 1024
+        n = args.images
+        peer = rate(lambda: endless(peer_loader(tmp / "orig", args.batch, args.resolution)), n, args.batch,
+                    args.repeats)
+        rows = [("peer: ImageFolder + PIL, 512x384 JPEG + crop/resize", orig_kb, peer)]
+        for name, kw, decoder in variants:
+            out = tmp / name.split()[0] / str(kw.get("png_level", kw.get("quality", "")))
+            if not (out / "manifest.json").exists():
+                prepare(FolderSource(tmp / "orig"), out, resolution=args.resolution, test_count=0,
+                        progress=False, **kw)
+            kb = sum(f.stat().st_size for f in out.glob("train-*.tar")) / n / 1024
+            r = rate(lambda: TrainLoader(out, batch_size=args.batch, seed=0, num_workers=0, decoder=decoder),
+                     n, args.batch, args.repeats)
+            rows.append((f"ours: {name}", kb, r))
+    print(f"loader img/s per core, {args.resolution}x{args.resolution}, batch {args.batch}, {n} images, "
+          f"best of {args.repeats}, torch {torch.__version__}, 1 thread")
+    print(f"| loader | KiB/img on disk | img/s/core | vs peer |\n|---|---|---|---|")
+    for name, kb, r in rows:
+        print(f"| {name} | {kb:.0f} | {r:.0f} | {r / peer:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
