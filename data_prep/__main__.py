@@ -1,7 +1,8 @@
 """python -m data_prep {lsun,folder,cifar10}: images -> WebDataset tar shards + manifest.json.
 
 Each image is centre-cropped to its short side and resized (antialiased, LANCZOS) to
---resolution, as ProGAN's create_lsun did for the TFRecords the original DDPM trained on.
+--resolution, as ProGAN's create_lsun did for the TFRecords the original DDPM trained on,
+and stored losslessly (npy by default; --format png for less disk, jpg if lossy is fine).
 Re-running into a complete output does nothing; after a crash it finishes the job.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.preprocess import FORMATS, PNG_LEVEL
+from data_prep.preprocess import DEFAULT_FORMAT, FORMATS, PNG_LEVEL
 from data_prep.shards import prepare
 from data_prep.sources import PrepError, open_source
 
@@ -32,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, dest="src", required=True, metavar="PATH", help=help_)
         p.add_argument("--out", required=True, help="output folder: {train,test}-NNNNNN.tar + manifest.json")
         p.add_argument("--resolution", type=int, default=res, help=f"output side in pixels (default {res})")
-        p.add_argument("--format", choices=FORMATS, default="png",
-                       help="png (lossless, default), jpg (see --quality) or npy (raw uint8 HWC)")
+        p.add_argument("--format", choices=FORMATS, default=DEFAULT_FORMAT,
+                       help="npy (raw uint8 HWC, lossless, fastest to load; default), png (lossless, "
+                            "~1.8x smaller at 256px, ~3.5x slower to decode) or jpg (lossy, see --quality)")
         p.add_argument("--quality", type=int, default=95, help="JPEG quality for --format jpg (default 95)")
         p.add_argument("--png-level", type=int, default=PNG_LEVEL,
                        help=f"zlib level 0-9 of stored PNGs (default {PNG_LEVEL}; 0 = uncompressed, "

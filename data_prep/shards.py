@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.preprocess import PNG_LEVEL, TooSmall, center_crop_resize, encode, process_bytes
+from data_prep.preprocess import DEFAULT_FORMAT, PNG_LEVEL, TooSmall, center_crop_resize, encode, process_bytes
 from data_prep.sources import PrepError
 
 TOOL = "ddpm-pipeline data_prep 1"
@@ -143,7 +143,7 @@ def _check_output(out: Path, digest: str, describe: dict) -> dict | None:
     return None
 
 
-def prepare(source, out, *, resolution: int, fmt: str = "png", quality: int = 95,
+def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality: int = 95,
             allow_upscale: bool = False, png_level: int = PNG_LEVEL, test_count: int | None = None, test_fraction: float = 0.0,
             shard_size: int = 1000, workers: int = 1, limit: int | None = None,
             command: list[str] | None = None, progress: bool = True) -> dict:

@@ -170,3 +170,51 @@ def test_shard_glob_source(shards):
     assert L.num_samples == 23
     with pytest.raises(DataError, match="no such"):
         TrainLoader(str(shards / "nope-*.tar"), batch_size=4)
+
+
+def test_formats_and_decoders_give_identical_batches(tmp_path):
+    """npy, PNG (Pillow or torchvision decoder) hold the same pixels; uint8 output = float before scaling."""
+    kw = dict(n_train=9, n_test=1, seed=3, shard_size=4)
+    npy = make_shards(tmp_path / "npy", fmt="npy", **kw)
+    png = make_shards(tmp_path / "png", fmt="png", **kw)
+    ref = next(TrainLoader(npy, batch_size=9, seed=2, num_workers=0))
+    for decoder in ("pil", "torchvision"):
+        torch.testing.assert_close(next(TrainLoader(png, batch_size=9, seed=2, num_workers=0, decoder=decoder)),
+                                   ref, rtol=0, atol=0)
+    u8 = next(TrainLoader(png, batch_size=9, seed=2, num_workers=1, dtype=torch.uint8))
+    assert u8.dtype == torch.uint8
+    torch.testing.assert_close(u8.float() / 127.5 - 1, ref, rtol=0, atol=0)
+
+
+def _gloo_worker(rank, world, init_file, shards, out_dir, steps):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    table, _ = key_of(shards)
+    loader = TrainLoader(shards, batch_size=3, rank=rank, world_size=world, seed=11, random_flip=False,
+                         num_workers=2)
+    mine = [keys_of_batch(next(loader), table) for _ in range(steps)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        stream = [k for step in range(steps) for r in range(world) for k in gathered[r][step]]
+        (out_dir / "stream.json").write_text(json.dumps({"stream": stream, "state": loader.state_dict()}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_exactly_once_two_processes_gloo_two_workers_each(shards, tmp_path):
+    """Real processes (gloo) with 2 DataLoader workers each: every key once per epoch, and the
+    global stream equals the single-process one (world-size independence)."""
+    import torch.multiprocessing as mp
+
+    steps = 10  # 10 x 6 = 60 positions: 2 full epochs of 23 and part of a third
+    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), shards, tmp_path, steps), nprocs=2, join=True)
+    got = json.loads((tmp_path / "stream.json").read_text())
+    table, _ = key_of(shards)
+    N = len(table)
+    for e in range(2):
+        assert sorted(got["stream"][e * N:(e + 1) * N]) == sorted(table.values())
+    single = TrainLoader(shards, batch_size=6, seed=11, random_flip=False, num_workers=0)
+    assert got["stream"] == [k for _ in range(steps) for k in keys_of_batch(next(single), table)]
+    assert got["state"]["position"] == 60 and got["state"]["epoch"] == 2

@@ -62,7 +62,7 @@ def test_cifar10_pixels_keys_and_counts(tmp_path):
     # lossless: every stored pixel equals the pickle's, read by an independent reader
     for key, (ext, data) in {**train, **test}.items():
         batch, idx = key.rsplit("_", 1)
-        assert ext == "png"
+        assert ext == "npy"  # the default format
         np.testing.assert_array_equal(pixels(ext, data), cifar_image(src, batch, int(idx)))
     assert set(test) == {f"test_batch_{i:05d}" for i in range(5)}
 
@@ -70,7 +70,7 @@ def test_cifar10_pixels_keys_and_counts(tmp_path):
 def test_lsun_crop_resize_matches_pil_by_hand_and_skips(tmp_path):
     values = make_lsun_lmdb(tmp_path / "lmdb", n=8, size=24, seed=2)
     m = prepare(LsunSource(tmp_path / "lmdb"), tmp_path / "out", resolution=16, test_count=2,
-                shard_size=3, progress=False)
+                shard_size=3, fmt="png", png_level=6, progress=False)
     train, test = read_shards(tmp_path / "out", "train"), read_shards(tmp_path / "out", "test")
     assert (len(train), len(test)) == (6, 2) and m["inputs"] == 10
     for key, (ext, data) in {**train, **test}.items():
@@ -98,7 +98,7 @@ def test_too_small_kept_with_allow_upscale(tmp_path):
     m = prepare(LsunSource(tmp_path / "lmdb"), tmp_path / "out", resolution=24, allow_upscale=True,
                 test_count=0, progress=False)
     assert [s["key"] for s in m["skipped"]] == [CORRUPT_KEY]
-    assert read_shards(tmp_path / "out", "train")[SMALL_KEY][0] == "png"
+    assert read_shards(tmp_path / "out", "train")[SMALL_KEY][0] == "npy"
 
 
 def test_split_by_key_hash_independent_of_workers(tmp_path):
@@ -122,14 +122,14 @@ def test_split_by_key_hash_independent_of_workers(tmp_path):
 def test_folder_keys_formats_and_manifest(tmp_path):
     make_image_folder(tmp_path / "imgs", n=6, size=20, seed=6)
     cmd = ["folder", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--resolution", "16",
-           "--test-count", "1", "--format", "npy", "--no-progress"]
+           "--test-count", "1", "--format", "png", "--no-progress"]
     assert main(cmd) == 0
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     keys = set(read_shards(tmp_path / "out", "train")) | set(read_shards(tmp_path / "out", "test"))
     assert keys == {"00000", "00001", "sub/00002", "00003", "00004", "sub/00005"}
     for k in ("dataset", "source", "resolution", "format", "command", "splits", "skipped", "tool", "created"):
         assert k in m, k
-    assert (m["dataset"], m["resolution"], m["format"], m["skipped"]) == ("folder", 16, "npy", [])
+    assert (m["dataset"], m["resolution"], m["format"], m["png_level"], m["skipped"]) == ("folder", 16, "png", 1, [])
     assert m["source"] == str((tmp_path / "imgs").absolute()) and m["command"][-len(cmd):] == cmd
     assert (m["splits"]["train"]["count"], m["splits"]["test"]["count"]) == (5, 1)
     ext, data = read_shards(tmp_path / "out", "train")["00000"]
@@ -225,4 +225,38 @@ def test_cli_different_dataset_exit_2(tmp_path, capsys):
     assert main(base) == 0  # the same data set again: fine (a no-op)
     assert main(base + ["--format", "jpg"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "different data set" in err[0] and "format: 'png' -> 'jpg'" in err[0]
+    assert len(err) == 1 and "different data set" in err[0] and "format: 'npy' -> 'jpg'" in err[0]
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_run_then_rerun_finishes_without_duplicates(tmp_path):
+    """SIGKILL a real `python -m data_prep lsun --workers 2` after its first shard, re-run it."""
+    import os
+    import signal
+    import time
+
+    make_lsun_lmdb(tmp_path / "lmdb", n=300, size=48, seed=10)
+    args = ["lsun", "--lmdb", str(tmp_path / "lmdb"), "--resolution", "32", "--shard-size", "10",
+            "--test-count", "20", "--workers", "2", "--no-progress", "--format", "png"]
+    assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "data_prep", *args, "--out", str(out)], cwd=ROOT,
+                         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / ".prep").glob("*.tar.json")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)  # the CLI and its pool workers, mid-run
+    p.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kept = {f.name: f.stat().st_mtime_ns for f in out.glob("*.tar")
+            if (out / ".prep" / f"{f.name}.json").exists()}
+    assert kept
+    r = subprocess.run([sys.executable, "-m", "data_prep", *args, "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert kept == {n: (out / n).stat().st_mtime_ns for n in kept}
+    m, ref = (json.loads((d / "manifest.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert m["splits"] == ref["splits"] and m["skipped"] == ref["skipped"]
+    for split in ("train", "test"):
+        assert read_shards(out, split) == read_shards(tmp_path / "ref", split)
+    assert not list(out.glob(".*.tmp"))
