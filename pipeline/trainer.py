@@ -36,6 +36,7 @@ log = logging.getLogger("pipeline.train")
 
 EXIT_OK = 0
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; relaunch to resume
+KILL_IN_SAVE_ENV = "DDPM_PIPELINE_TEST_KILL_IN_SAVE"  # tests only: SIGKILL inside the save of this step
 TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "ddpm-pipeline" / "torch_extensions"
 
 
@@ -249,7 +250,7 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
             log.warning("global batch size changed from %s to %s on resume",
                         saved["global_batch_size"], tc.global_batch_size)
         acc.load_state(str(ckpt / "accelerate"))
-        ema.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(acc.device)))
+        ema.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
         loader.load_state_dict(saved["data"])
         state.step = int(saved["step"])
         state.nonfinite_total = int(saved.get("nonfinite_total", 0))
@@ -287,6 +288,8 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
             weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in net.state_dict().items()}
             save_file(weights, str(tmp / "model.safetensors"))
             save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+            if os.environ.get(KILL_IN_SAVE_ENV) == str(step):  # tests: die half-way through a save
+                os.kill(os.getpid(), signal.SIGKILL)
             save_recipe(recipe, tmp / "config.yaml")
             ckpt_io.write_json_atomic(tmp / ckpt_io.STATE_FILE, {  # last: marks the directory whole
                 "step": step, "samples_seen": loader.position, "data": loader.state_dict(),
