@@ -19,6 +19,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -161,6 +162,9 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
     out.mkdir(parents=True, exist_ok=True)
     done = _check_output(out, digest, describe)
     if done is not None:
+        if progress:
+            print(f"{out}: already complete (manifest.json matches these inputs and options); nothing to do",
+                  file=sys.stderr)
         return done
     (out / ".prep").mkdir(exist_ok=True)
     write_json_atomic(out / ".prep" / "plan.json", {**describe, "plan_digest": digest})

@@ -76,16 +76,42 @@ def decode_sample(ext: str, data: bytes, decoder: str = "pil") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(decode_hwc(ext, data, decoder).transpose(2, 0, 1)))
 
 
-def _scan_tar(path: str) -> list[tuple[str, str, int, int]]:
-    """[(key, ext, data offset, size)] of the regular members of a tar, from its headers."""
-    out = []
+IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp", "ppm", "bmp")
+
+
+class _Members:
+    """The samples of one tar: data offset, size and extension of each sample's image member.
+    Numpy arrays, not Python tuples: every DataLoader worker holds the tables of all shards."""
+
+    def __init__(self, path: str):
+        keys, exts, offs, sizes = scan_tar(path)
+        self.exts = sorted(set(exts))
+        self.ext_code = np.asarray([self.exts.index(e) for e in exts], dtype=np.uint8)
+        self.offsets, self.sizes = np.asarray(offs, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.offsets)
+
+
+def scan_tar(path: str) -> tuple[list[str], list[str], list[int], list[int]]:
+    """(keys, exts, data offsets, sizes) of the samples of a WebDataset tar, from its headers.
+    As in WebDataset, a sample is the run of consecutive members sharing the name up to the
+    first dot of the file name; its image member (npy/png/jpg/...) is the one read."""
+    keys, exts, offs, sizes = [], [], [], []
     with tarfile.open(path, "r:") as tar:
         for m in tar:
-            if m.isfile():
-                base = m.name.rsplit("/", 1)[-1]
-                stem, _, ext = m.name.rpartition(".") if "." in base else (m.name, "", "")
-                out.append((stem, ext.lower(), m.offset_data, m.size))
-    return out
+            if not m.isfile():
+                continue
+            d, _, base = m.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key, ext = (f"{d}/{stem}" if d else stem), ext.lower()
+            if ext not in IMAGE_EXTS or (keys and keys[-1] == key):
+                continue  # labels, json, ... or a second image of the same sample
+            keys.append(key)
+            exts.append(ext)
+            offs.append(m.offset_data)
+            sizes.append(m.size)
+    return keys, exts, offs, sizes
 
 
 class ShardSet:
@@ -122,7 +148,8 @@ class ShardSet:
         if missing:
             raise DataError(f"{missing[0]}: shard listed but missing ({len(missing)} missing)")
         self.paths = paths
-        self._members: dict[int, list] = {}
+        self._members: dict[int, _Members] = {}
+        self._keys: tuple[int, list[str]] = (-1, [])
         if self.manifest is None:
             counts = [len(self.members(i)) for i in range(len(paths))]
         self.counts = np.asarray(counts, dtype=np.int64)
@@ -134,12 +161,18 @@ class ShardSet:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def members(self, s: int) -> list:
+    def members(self, s: int) -> _Members:
         if s not in self._members:
-            self._members[s] = _scan_tar(self.paths[s])
+            self._members[s] = _Members(self.paths[s])
             if self.manifest is not None and len(self._members[s]) != self.counts[s]:
                 raise DataError(f"{self.paths[s]}: {len(self._members[s])} samples, manifest says {self.counts[s]}")
         return self._members[s]
+
+    def keys(self, s: int) -> list[str]:
+        """The sample keys of shard s (read again from the tar: only error messages and eval need them)."""
+        if self._keys[0] != s:
+            self._keys = (s, scan_tar(self.paths[s])[0])
+        return self._keys[1]
 
     def locate(self, i: int) -> tuple[int, int]:
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
@@ -155,19 +188,23 @@ class ShardSet:
             f = self._files[s] = open(self.paths[s], "rb")
         return f
 
-    def read(self, i: int) -> tuple[str, str, str, bytes]:
-        """(shard path, key, ext, bytes) of sample i."""
+    def read(self, i: int) -> tuple[str, str, bytes]:
+        """(shard path, ext, bytes) of sample i."""
         s, j = self.locate(i)
-        key, ext, off, size = self.members(s)[j]
+        m = self.members(s)
         f = self._file(s)
-        f.seek(off)
-        data = f.read(size)
-        if len(data) != size:
-            raise DataError(f"{self.paths[s]}: member {key} truncated")
-        return self.paths[s], key, ext, data
+        f.seek(int(m.offsets[j]))
+        data = f.read(int(m.sizes[j]))
+        if len(data) != m.sizes[j]:
+            raise DataError(f"{self.paths[s]}: sample {self.key(i)} truncated")
+        return self.paths[s], m.exts[m.ext_code[j]], data
+
+    def key(self, i: int) -> str:
+        s, j = self.locate(i)
+        return self.keys(s)[j]
 
     def __getstate__(self):
-        return {**self.__dict__, "_files": {}}
+        return {**self.__dict__, "_files": {}, "_keys": (-1, [])}
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -185,9 +222,9 @@ class _Batches(torch.utils.data.Dataset):
         imgs, bad = [], []
         res = self.shards.resolution
         for i in indices.tolist():
-            path, key = self.shards.paths[self.shards.locate(i)[0]], f"#{i}"
+            path = self.shards.paths[self.shards.locate(i)[0]]
             try:
-                path, key, ext, data = self.shards.read(i)
+                path, ext, data = self.shards.read(i)
                 x = decode_hwc(ext, data, self.decoder)
                 if x.ndim != 3 or x.shape[2] != 3 or (res is not None and x.shape[:2] != (res, res)):
                     raise ValueError(f"shape {x.shape}, expected ({res}, {res}, 3)")
@@ -198,7 +235,7 @@ class _Batches(torch.utils.data.Dataset):
                 raise
             except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and reported
                 imgs.append(None)
-                bad.append((path, key, f"{type(e).__name__}: {e}"))
+                bad.append((path, self.shards.key(i), f"{type(e).__name__}: {e}"))
         good = [k for k, x in enumerate(imgs) if x is not None]
         if not good:
             raise DataError(f"{bad[0][0]}: every sample of a batch is corrupt (first: {bad[0][1]}: {bad[0][2]})")
@@ -369,11 +406,12 @@ def iter_split(source, split: str = "test", batch_size: int = 64, rank: int = 0,
     for b in range(lo, hi, batch_size):
         imgs, keys = [], []
         for i in range(b, min(b + batch_size, hi)):
-            path, key, ext, data = shards.read(i)
+            path, ext, data = shards.read(i)
             try:
                 imgs.append(decode_sample(ext, data))
             except Exception as e:  # noqa: BLE001
-                raise DataError(f"{path}: corrupt sample {key} ({type(e).__name__}: {e})") from None
-            keys.append(key)
+                raise DataError(f"{path}: corrupt sample {shards.key(i)} ({type(e).__name__}: {e})") from None
+            if with_keys:
+                keys.append(shards.key(i))
         x = torch.stack(imgs)
         yield (x, keys) if with_keys else x

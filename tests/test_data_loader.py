@@ -218,3 +218,34 @@ def test_exactly_once_two_processes_gloo_two_workers_each(shards, tmp_path):
     single = TrainLoader(shards, batch_size=6, seed=11, random_flip=False, num_workers=0)
     assert got["stream"] == [k for _ in range(steps) for k in keys_of_batch(next(single), table)]
     assert got["state"]["position"] == 60 and got["state"]["epoch"] == 2
+
+
+def test_shards_are_plain_webdataset_and_foreign_shards_work(shards, tmp_path):
+    """The webdataset library reads our shards (key + .npy), and we read a foreign shard whose
+    samples have several members (image + label), one sample per key."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    table, imgs = key_of(shards)
+    ds = wds.WebDataset(str(shards / "train-{000000..000004}.tar"), shardshuffle=False, empty_check=False).decode()
+    got = {s["__key__"]: s["npy"] for s in ds}
+    assert set(got) == set(imgs)
+    k = next(iter(imgs))
+    np.testing.assert_array_equal(got[k], imgs[k].permute(1, 2, 0).numpy())
+
+    foreign = tmp_path / "foreign-000000.tar"
+    with tarfile.open(foreign, "w") as tar:
+        for i in range(3):
+            for name, data in ((f"dir/s{i}.cls", b"7"), (f"dir/s{i}.png", None)):
+                if data is None:
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(buf, format="PNG")
+                    data = buf.getvalue()
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    x, keys = next(iter_split([str(foreign)], "train", 8, with_keys=True))
+    assert keys == ["dir/s0", "dir/s1", "dir/s2"] and x.shape == (3, 3, 8, 8)
+    assert x[:, 0, 0, 0].tolist() == [0, 40, 80]
