@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except PrepError as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable --out, a file where a folder should be, disk full, ...
+        print(f"data_prep: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"data_prep: interrupted; completed shards are kept, run the same command again to finish",
+              file=sys.stderr)
+        return 130
     sp = m["splits"]
     print(f"{args.out}: train {sp['train']['count']} ({len(sp['train']['shards'])} shards), "
           f"test {sp['test']['count']} ({len(sp['test']['shards'])} shards), skipped {len(m['skipped'])}")

@@ -194,6 +194,15 @@ def test_user_errors_raise_prep_error(tmp_path):
     (tmp_path / "notlmdb").mkdir()
     with pytest.raises(PrepError, match="not an LMDB"):
         LsunSource(tmp_path / "notlmdb")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "data.mdb").write_bytes(b"not an lmdb file" * 512)
+    with pytest.raises(PrepError, match="not an LMDB"):
+        LsunSource(tmp_path / "junk").items()
+    import lmdb
+
+    lmdb.open(str(tmp_path / "emptylmdb"), map_size=1 << 20).close()
+    with pytest.raises(PrepError, match="empty"):
+        LsunSource(tmp_path / "emptylmdb").items()
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrepError, match="no images"):
         FolderSource(tmp_path / "empty").items()
@@ -260,3 +269,23 @@ def test_cli_killed_mid_run_then_rerun_finishes_without_duplicates(tmp_path):
     for split in ("train", "test"):
         assert read_shards(out, split) == read_shards(tmp_path / "ref", split)
     assert not list(out.glob(".*.tmp"))
+
+
+def test_truncated_file_and_limit(tmp_path):
+    paths = make_image_folder(tmp_path / "imgs", n=6, size=20, seed=11)
+    jpg = next(p for p in paths if p.suffix == ".jpg")
+    jpg.write_bytes(jpg.read_bytes()[: len(jpg.read_bytes()) // 2])  # a download cut short
+    m = prepare(FolderSource(tmp_path / "imgs"), tmp_path / "out", resolution=16, test_count=0, progress=False)
+    assert [(s["key"], s["reason"].split(":")[0]) for s in m["skipped"]] == [(jpg.stem, "truncated file")]
+    assert m["splits"]["train"]["count"] == 5
+    m = prepare(FolderSource(tmp_path / "imgs"), tmp_path / "lim", resolution=16, test_count=0, limit=3,
+                progress=False)
+    assert m["inputs"] == 3 and m["limit"] == 3
+
+
+def test_cli_out_is_a_file_exit_2(tmp_path, capsys):
+    src = make_cifar10_batches(tmp_path / "c", n_train=5, n_test=1)
+    (tmp_path / "afile").write_text("x")
+    assert main(["cifar10", "--batches", str(src), "--out", str(tmp_path / "afile"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "afile" in err[0]
