@@ -84,7 +84,10 @@ class _Members:
     Numpy arrays, not Python tuples: every DataLoader worker holds the tables of all shards."""
 
     def __init__(self, path: str):
-        keys, exts, offs, sizes = scan_tar(path)
+        try:
+            keys, exts, offs, sizes = scan_tar(path)
+        except (tarfile.TarError, OSError) as e:
+            raise DataError(f"{path}: unreadable shard ({type(e).__name__}: {e})") from None
         self.exts = sorted(set(exts))
         self.ext_code = np.asarray([self.exts.index(e) for e in exts], dtype=np.uint8)
         self.offsets, self.sizes = np.asarray(offs, dtype=np.int64), np.asarray(sizes, dtype=np.int64)

@@ -249,3 +249,11 @@ def test_shards_are_plain_webdataset_and_foreign_shards_work(shards, tmp_path):
     x, keys = next(iter_split([str(foreign)], "train", 8, with_keys=True))
     assert keys == ["dir/s0", "dir/s1", "dir/s2"] and x.shape == (3, 3, 8, 8)
     assert x[:, 0, 0, 0].tolist() == [0, 40, 80]
+
+
+def test_damaged_shard_names_the_file(tmp_path):
+    d = make_shards(tmp_path / "s", n_train=6, n_test=1, shard_size=3)
+    (d / "train-000001.tar").write_bytes(b"\0" * 100)  # cut short: not a tar any more
+    L = TrainLoader(d, batch_size=6, seed=0, num_workers=0)
+    with pytest.raises(DataError, match="train-000001.tar"):
+        next(L)
