@@ -3,7 +3,9 @@
 Both models have the identical architecture and weights (loaded through pipeline/convert.py),
 the same batch, the same threads and the same optimizer (Adam; fused or foreach, the same for
 both). Runs alternate ours/diffusers so a busy machine slows both alike; the table reports
-median step times and the median of the per-pair ratios (ours / diffusers, < 1 is faster).
+median step times and the median of the per-pair ratios (ours / diffusers, < 1 is faster);
+on a shared machine the process CPU time per step (all threads) is printed too, as it is less
+sensitive to waiting for a core than wall time.
 
     python bench/unet_step.py --preset cifar10 --batch 8 --threads 2 --pairs 12
     python bench/unet_step.py --ours-channels-last --ref-channels-last   # both NHWC
@@ -80,10 +82,10 @@ class Runner:
     def timed(self, x, t, target):
         sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.step(x, t, target)
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv=None):
@@ -104,11 +106,15 @@ def main(argv=None):
         for run in runners.values():
             run.step(x, t, target)
     times = {k: [] for k in runners}
+    cpu = {k: [] for k in runners}
     for i in range(args.pairs):
         order = list(runners) if i % 2 == 0 else list(runners)[::-1]  # alternate who goes first
         for k in order:
-            times[k].append(runners[k].timed(x, t, target))
+            wall, c = runners[k].timed(x, t, target)
+            times[k].append(wall)
+            cpu[k].append(c)
     ratios = [a / b for a, b in zip(times["ours"], times["diffusers"])]
+    cpu_ratios = [a / b for a, b in zip(cpu["ours"], cpu["diffusers"])]
 
     nparams = sum(p.numel() for p in ours.parameters())
     fmt = lambda cl: "NHWC" if cl else "NCHW"  # noqa: E731
@@ -116,17 +122,18 @@ def main(argv=None):
           f"batch {args.batch}, {args.dtype}, device {args.device}"
           + (f", {args.threads} threads" if args.device == "cpu" else "")
           + f", Adam ({args.optimizer}), {args.pairs} alternating pairs")
-    print(f"{'model':<10} {'layout':<6} {'median s/step':>14} {'min':>8} {'img/s':>8}"
+    print(f"{'model':<10} {'layout':<6} {'median s/step':>14} {'min':>8} {'CPU s/step':>11} {'img/s':>8}"
           + (f" {'MFU':>6}" if args.preset in TRAIN_FLOPS and args.device != "cpu" else ""))
     for k, cl in (("ours", args.ours_channels_last), ("diffusers", args.ref_channels_last)):
         med = statistics.median(times[k])
-        line = f"{k:<10} {fmt(cl):<6} {med:>14.3f} {min(times[k]):>8.3f} {args.batch / med:>8.2f}"
+        line = (f"{k:<10} {fmt(cl):<6} {med:>14.3f} {min(times[k]):>8.3f} "
+                f"{statistics.median(cpu[k]):>11.3f} {args.batch / med:>8.2f}")
         if args.preset in TRAIN_FLOPS and args.device != "cpu":
             line += f" {args.batch / med * TRAIN_FLOPS[args.preset] / (args.peak_tflops * 1e12):>6.1%}"
         print(line)
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 2 else [ratios[0]] * 3
     print(f"ratio ours/diffusers: median {statistics.median(ratios):.3f} "
-          f"(quartiles {q[0]:.3f}-{q[2]:.3f})")
+          f"(quartiles {q[0]:.3f}-{q[2]:.3f}); CPU-time ratio median {statistics.median(cpu_ratios):.3f}")
     return statistics.median(ratios)
 
 

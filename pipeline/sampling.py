@@ -27,11 +27,16 @@ def _randn(shape, generator, device, dtype=torch.float32):
     return randn_like_batch(shape, generator, device, dtype)
 
 
-def _device_of(generator, device):
+def _device_of(generator, device, model=None):
+    """Where to draw x_T: `device`, else the generator's device, else the model's, else CPU."""
     if device is not None:
         return torch.device(device)
     g = generator[0] if isinstance(generator, (list, tuple)) else generator
-    return g.device if g is not None else torch.device("cpu")
+    if g is not None:
+        return g.device
+    params = getattr(model, "parameters", None)
+    first = next(params(), None) if callable(params) else None
+    return first.device if first is not None else torch.device("cpu")
 
 
 def p_sample(diffusion, model, x_t, t, noise, clip_denoised: bool = True):
@@ -70,7 +75,7 @@ def p_sample_loop(diffusion, model, shape, generator=None, progress: bool = Fals
 
     `callback(t, x_t, pred_x0)` is called at every step t = T-1 .. 0.
     """
-    device = _device_of(generator, device)
+    device = _device_of(generator, device, model)
     x = x_T if x_T is not None else _randn(tuple(shape), generator, device)
     return sample_from(diffusion, model, x, diffusion.num_timesteps - 1, generator, progress, callback)
 
@@ -83,7 +88,7 @@ def ddim_sample_loop(diffusion, model, shape, steps: int, eta: float = 0.0, gene
     T = diffusion.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"ddim_sample_loop: steps={steps} must lie in [1, {T}]")
-    device = _device_of(generator, device)
+    device = _device_of(generator, device, model)
     x = x_T if x_T is not None else _randn(tuple(shape), generator, device)
     ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().unique().tolist()[::-1]
     acp = diffusion.coef("alphas_cumprod")
