@@ -35,6 +35,10 @@ from slurm.launch import format_command, launch_command, node_launch_from_env
 EXIT_REQUEUE = 75  # pipeline.train.EXIT_REQUEUE (EX_TEMPFAIL)
 
 
+class _TrainingFinished(BaseException):
+    """Raised from checkpoint() when training finished while we waited: the job succeeded."""
+
+
 def log(msg: str) -> None:
     print(f"[slurm.job {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -174,7 +178,10 @@ class TrainingJob(submitit.helpers.Checkpointable):
         try:
             self._proc = subprocess.Popen(cmd, cwd=s.workdir, env={**os.environ, **s.env},
                                           preexec_fn=_ignore_user_signals)
-            rc = self._wait(None)
+            try:
+                rc = self._wait(None)
+            except _TrainingFinished:  # the signal came, but training reached max_steps first
+                rc = 0
         finally:
             signal.signal(signal.SIGUSR2, prev_usr2)
             signal.signal(signal.SIGTERM, prev_term)
@@ -229,9 +236,17 @@ class TrainingJob(submitit.helpers.Checkpointable):
         kind = interruption_kind(time.time(), end, s.signal_delay_s)
         job_id = submitit.JobEnvironment().job_id
         log(f"{kind} signal: asking training to save after its current step")
-        self._ask_to_save()
-        rc = self._wait(s.save_timeout_s)
+        # Ask again every few seconds: a signal that comes while training is still starting
+        # (before its handler is installed) is ignored by it.
+        deadline = time.monotonic() + s.save_timeout_s
+        rc = None
+        while rc is None and time.monotonic() < deadline:
+            self._ask_to_save()
+            rc = self._wait(min(5.0, max(0.0, deadline - time.monotonic())))
         saved = _latest(s.output_dir)
+        if rc == 0:  # training exits 75 when stopped early; 0 only when it reached max_steps
+            log(f"training finished before it could be stopped; newest checkpoint: {saved}")
+            raise _TrainingFinished()
         n = record_requeue(s.job_dir, kind, job_id)
         if rc is None:
             log(f"training did not exit within {s.save_timeout_s}s; requeueing anyway (newest: {saved})")

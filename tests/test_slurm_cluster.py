@@ -59,15 +59,15 @@ def workdir(tmp_path_factory):
     return d
 
 
-def overrides(workdir: Path, name: str) -> list[str]:
-    return [f"data.shards={workdir / 'shards'}", f"run.output_dir={workdir / name}", f"train.max_steps={STEPS}",
+def overrides(workdir: Path, name: str, steps: int = STEPS) -> list[str]:
+    return [f"data.shards={workdir / 'shards'}", f"run.output_dir={workdir / name}", f"train.max_steps={steps}",
             f"train.checkpoint_every={EVERY}", "train.sample_every=1000", "train.global_batch_size=8",
             "train.log_every=5", "data.num_workers=0", "run.tracker=none"]
 
 
-def submit(env, workdir: Path, name: str, *extra: str) -> tuple[str, Path]:
+def submit(env, workdir: Path, name: str, *extra: str, steps: int = STEPS) -> tuple[str, Path]:
     cmd = [sys.executable, "-m", "slurm.submit", str(ROOT / "recipes" / "quickstart.yaml"),
-           *overrides(workdir, name), "--cpu", "--gpus-per-node", "2", "--time", "00:10:00",
+           *overrides(workdir, name, steps), "--cpu", "--gpus-per-node", "2", "--time", "00:10:00",
            "--signal-delay-s", "60", *extra]
     if os.environ.get("DDPM_TEST_TRAIN_SCRIPT"):
         cmd += ["--script", os.environ["DDPM_TEST_TRAIN_SCRIPT"]]
@@ -212,3 +212,18 @@ def test_impossible_request_is_a_clear_error(slurm_env, workdir, extra, reason):
     assert len(line) == 1 and "Slurm refused the job" in line[0] and reason in line[0].lower(), r.stderr
     assert "Traceback" not in r.stderr
     assert not (workdir / "impossible" / "slurm").exists() or not any((workdir / "impossible" / "slurm").iterdir())
+
+
+def test_time_limit_saves_requeues_and_finishes(slurm_env, workdir):
+    # A 2-minute limit with the signal 60 s before it (Slurm sends it up to a minute early);
+    # 150 steps need longer than one start, so the job saves at the signal, requeues itself
+    # and finishes in a later start.
+    job_id, job_dir = submit(slurm_env, workdir, "timed", "--time", "00:02:00", "--signal-delay-s", "60",
+                             steps=150)
+    info = wait_done(slurm_env, job_id, job_dir, timeout=480)
+    log = log_text(job_dir, job_id)
+    events = json.loads((job_dir / "requeues.json").read_text())["events"]
+    assert int(info["Restarts"]) >= 1 and events and {e["kind"] for e in events} == {"timeout"}, log[-3000:]
+    assert "timeout signal: asking training to save" in log
+    assert latest_step(workdir / "timed") == 150
+    assert resumed_steps(log) and all(s > 0 for s in resumed_steps(log))

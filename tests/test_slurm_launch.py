@@ -1,17 +1,19 @@
-"""Per-node launch commands from real `SLURM_*` values (fast; no cluster needed).
+"""Fast tests of slurm/ (no cluster needed): per-node launch commands from real `SLURM_*`
+values, the submit CLI (dry run, errors) and the job's pieces (requeue count, signal forwarding).
 
 The environments below are what Slurm sets in the task of each node of an
 `sbatch --nodes N --ntasks-per-node 1` job; node lists use Slurm's compressed form.
+The real-cluster tests are in test_slurm_cluster.py.
 """
 
 import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
-import subprocess
 
 import pytest
 from submitit.slurm.slurm import _parse_node_list  # an independent parser, as a reference
@@ -302,9 +304,7 @@ def test_signal_tree_reaches_grandchildren_in_other_sessions(tmp_path):
         f"p = subprocess.Popen([sys.executable, '-c', {worker!r}], start_new_session=True)\n"
         "sys.exit(p.wait())\n"
     )
-    import subprocess as sp
-
-    proc = sp.Popen([sys.executable, "-c", launcher])
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
     try:
         end = time.monotonic() + 30
         while not (tmp_path / "ready").exists() and time.monotonic() < end:
