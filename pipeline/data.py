@@ -305,8 +305,12 @@ class _Specs(torch.utils.data.Sampler):
 class TrainLoader:
     """Endless iterator of float32 [batch_size, 3, H, W] batches in [-1, 1] for one rank.
 
-    `dtype=torch.uint8` yields the same images as uint8 in [0, 255] instead (4x less to move
-    between processes and to the GPU; convert there with `x.float() / 127.5 - 1`).
+    source: a data_prep folder / manifest.json (or a tar glob pattern or list); batch_size: per
+    rank; seed: the data order and flips; random_flip: off for LSUN cat; num_workers: DataLoader
+    processes (never changes the result); max_corrupt: distinct corrupt samples tolerated.
+    Extras: split ("train"), decoder ("pil" | "torchvision"), dtype (torch.uint8 yields [0, 255]
+    uint8, 4x less to move between processes and to the GPU; scale there with x / 127.5 - 1),
+    pin_memory, prefetch_factor.
     See the module docstring for the order; `state_dict()` / `load_state_dict()` carry the
     global position, so a resumed run (also with another world size) reads what an
     uninterrupted run would have read next. Do not pass it through `accelerator.prepare()`."""
@@ -314,7 +318,7 @@ class TrainLoader:
     def __init__(self, source, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  random_flip: bool = True, num_workers: int = 2, max_corrupt: int = 10,
                  split: str = "train", prefetch_factor: int = 2, decoder: str = "pil",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if batch_size < 1:
@@ -331,7 +335,7 @@ class TrainLoader:
         self.num_workers, self.max_corrupt, self.prefetch_factor = num_workers, max_corrupt, prefetch_factor
         if dtype not in (torch.float32, torch.uint8):
             raise ValueError(f"dtype must be torch.float32 ([-1, 1]) or torch.uint8 ([0, 255]), got {dtype}")
-        self.decoder, self.dtype = decoder, dtype
+        self.decoder, self.dtype, self.pin_memory = decoder, dtype, pin_memory
         self.position = 0  # global samples consumed by the trainer (all ranks together)
         self.skipped = 0  # corrupt samples replaced on this rank (each occurrence)
         self.corrupt: dict[str, str] = {}  # "shard:key" -> reason, distinct
@@ -349,7 +353,7 @@ class TrainLoader:
 
     # -- iteration --------------------------------------------------------------------------
     def _start(self):
-        kw = dict(num_workers=self.num_workers)
+        kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
         self._dl = torch.utils.data.DataLoader(_Batches(self.shards, self.decoder, self.dtype == torch.float32),

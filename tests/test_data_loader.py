@@ -209,7 +209,9 @@ def test_exactly_once_two_processes_gloo_two_workers_each(shards, tmp_path):
     import torch.multiprocessing as mp
 
     steps = 10  # 10 x 6 = 60 positions: 2 full epochs of 23 and part of a third
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "init"), shards, tmp_path, steps), nprocs=2, join=True)
+    # fork: real separate processes without re-importing torch in each (spawn costs ~30 s here)
+    mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "init"), shards, tmp_path, steps), nprocs=2,
+                       join=True, start_method="fork")
     got = json.loads((tmp_path / "stream.json").read_text())
     table, _ = key_of(shards)
     N = len(table)
