@@ -229,7 +229,7 @@ def argparse_suppress():
 
 def main(args) -> int:
     from eval.results import write_result
-    from eval.sample import load_samples, sample_from_args
+    from eval.sample import SampleChunks, sample_from_args
 
     # Resolve (and for IS load) the weights before sampling, so a missing file or an offline
     # machine fails in seconds, not after a day of sampling.
@@ -241,7 +241,7 @@ def main(args) -> int:
     loaded, proto, acc = sample_from_args(args)
     if not acc.is_main_process:
         return 0
-    images = load_samples(args.out)
+    images = SampleChunks(args.out)  # streamed chunk by chunk
     if args.metric == "fid":
         name = _register_extractor(args.feature_extractor)
         shards = args.reference or loaded.recipe.eval.fid_reference or loaded.recipe.data.shards

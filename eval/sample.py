@@ -177,6 +177,33 @@ def load_samples(out: str | os.PathLike, limit: int | None = None) -> np.ndarray
     return x[:limit] if limit is not None else x
 
 
+class SampleChunks:
+    """All finished samples of OUT as one indexable uint8 [n, H, W, 3] sequence, reading one
+    chunk at a time (50,000 samples at 256x256 are 9.8 GB: never all in memory)."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.files = sorted((Path(out) / "chunks").glob("chunk-*.npz"))
+        if not self.files:
+            raise EvalError(f"{out}: no sample chunks (run `python -m eval sample` first)")
+        self.starts = [0]
+        for f in self.files:
+            with np.load(f) as z:
+                self.starts.append(self.starts[-1] + len(z["indices"]))
+        self._cached = (-1, None)
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        c = int(np.searchsorted(self.starts, i, side="right")) - 1
+        if self._cached[0] != c:
+            with np.load(self.files[c]) as z:
+                self._cached = (c, z["images"])
+        return self._cached[1][i - self.starts[c]]
+
+
 def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = None) -> None:
     """uint8 [n, H, W, 3] -> one PNG grid with 2-pixel gaps, written atomically."""
     from PIL import Image

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from eval.common import load_model
-from eval.sample import load_samples, run_sampling
+from eval.sample import SampleChunks, load_samples, run_sampling
 from eval.testing import make_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,9 @@ def test_interrupted_job_resumes_without_redoing_chunks(ckpt, tmp_path):
     assert sorted(after) == [f"chunk-{i:06d}.npz" for i in range(4)]
     assert all(after[k] == v for k, v in before.items())  # finished chunks untouched
     np.testing.assert_array_equal(load_samples(out), load_samples(full))
+    streamed = SampleChunks(out)  # what FID reads: one chunk at a time, in index order
+    assert len(streamed) == 10
+    np.testing.assert_array_equal(np.stack([streamed[i] for i in range(10)]), load_samples(full))
     with np.load(out / "chunks" / "chunk-000003.npz") as z:
         assert z["indices"].tolist() == [9]
     assert json.loads((out / "samples.json").read_text())["complete"] is True
