@@ -173,5 +173,11 @@ def test_resume_two_process_checkpoint_with_one_process(setup, tmp_path):
         assert state["world_size"] == 1 and state["data"] == ck.read_trainer_state(refs[2])["data"]
         for name in ("model.safetensors", "ema.safetensors"):
             a, b = weights(final, name), weights(refs[2], name)
-            for k in a:
-                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            start = weights(root / "ref2" / "checkpoints" / "step-00000006", name)
+            # Adam turns float-order noise in near-zero gradients into up to ~lr-sized moves;
+            # a different trajectory (other data or noise) moves every weight by ~lr per step.
+            diff = max((a[k] - b[k]).abs().max().item() for k in a)
+            moved = max((b[k] - start[k]).abs().max().item() for k in a)
+            assert diff < 0.05 * moved, (name, diff, moved)
+            close = sum(torch.isclose(a[k], b[k], rtol=1e-4, atol=1e-6).sum().item() for k in a)
+            assert close / sum(v.numel() for v in a.values()) > 0.99
