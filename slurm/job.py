@@ -189,10 +189,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
             log(f"training finished; newest checkpoint: {_latest(s.output_dir)}")
             return {"output_dir": s.output_dir, "checkpoint": str(_latest(s.output_dir))}
         if self._terminated or self._asked_to_save:
-            # SIGTERM: `scontrol requeue` (Slurm requeues us) or scancel. Leave without a result
-            # file: the job is not over, and submitit should not read it as failed.
-            n = record_requeue(s.job_dir, "terminated (SIGTERM: scontrol requeue or cancel)", job_env.job_id)
-            log(f"training stopped after SIGTERM (exit {rc}); saved: {_latest(s.output_dir)}; interruptions: {n}")
+            # SIGTERM: `scontrol requeue` (Slurm requeues us) or scancel; or, on a node other than
+            # the first, the time-limit/preemption signal (rank 0 requeues). Leave without a
+            # result file: the job is not over, and submitit should not read it as failed.
+            why = "SIGTERM" if self._terminated else "the requeue signal"
+            if job_env.global_rank == 0 and self._terminated:  # count each interruption once
+                n = record_requeue(s.job_dir, "terminated (SIGTERM: scontrol requeue or cancel)", job_env.job_id)
+                log(f"interruptions so far: {n}")
+            log(f"training stopped after {why} (exit {rc}); newest checkpoint: {_latest(s.output_dir)}")
             sys.exit(EXIT_REQUEUE)
         if rc == EXIT_REQUEUE and job_env.global_rank == 0:
             n = record_requeue(s.job_dir, "training asked to be requeued (exit 75)", job_env.job_id)
