@@ -32,7 +32,7 @@ import submitit
 
 from slurm.launch import format_command, launch_command, node_launch_from_env
 
-EXIT_REQUEUE = 75  # pipeline.train.EXIT_REQUEUE (EX_TEMPFAIL)
+EXIT_REQUEUE = 75  # pipeline.train.EXIT_REQUEUE (EX_TEMPFAIL); also this task's exit when interrupted
 
 
 class _TrainingFinished(BaseException):
@@ -198,12 +198,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 log(f"interruptions so far: {n}")
             log(f"training stopped after {why} (exit {rc}); newest checkpoint: {_latest(s.output_dir)}")
             sys.exit(EXIT_REQUEUE)
-        if rc == EXIT_REQUEUE and job_env.global_rank == 0:
-            n = record_requeue(s.job_dir, "training asked to be requeued (exit 75)", job_env.job_id)
-            if n > s.max_requeues:
-                raise RuntimeError(f"requeue cap reached ({n} > {s.max_requeues})")
-            subprocess.run(["scontrol", "requeue", job_env.job_id], check=True, timeout=60)
-            sys.exit(EXIT_REQUEUE)
+        # Accelerate's launchers exit 1 whenever a process fails (training's 75 included), so
+        # the signals we saw, not the exit code, tell an interruption from a failure.
         raise RuntimeError(f"training failed with exit code {rc} (command in {exact})")
 
     def _wait(self, timeout: float | None) -> int | None:

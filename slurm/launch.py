@@ -171,8 +171,11 @@ def launch_command(
     if accelerate_config:
         cmd += ["--config_file", str(accelerate_config)]
     cmd += ["--num_processes", str(node.num_processes), "--num_machines", str(node.num_machines)]
-    if deepspeed_config:
-        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config)]
+    deepspeed = bool(deepspeed_config) or _config_uses_deepspeed(accelerate_config)
+    if deepspeed:
+        cmd += ["--use_deepspeed"]
+        if deepspeed_config:
+            cmd += ["--deepspeed_config_file", str(deepspeed_config)]
         if node.num_machines > 1:
             # Each node's task starts its own ranks; DeepSpeed's default (pdsh) would ssh.
             cmd += ["--deepspeed_multinode_launcher", "standard"]
@@ -192,6 +195,19 @@ def launch_command(
     if program is not None:
         return cmd + list(program)
     return cmd + [str(script), str(recipe), *overrides]
+
+
+def _config_uses_deepspeed(path) -> bool:
+    """Whether an `accelerate config` YAML selects DeepSpeed (then --multi_gpu must not be added)."""
+    if not path:
+        return False
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(cfg, dict) and str(cfg.get("distributed_type", "")).upper() == "DEEPSPEED"
 
 
 def format_command(cmd: Sequence[str]) -> str:

@@ -166,6 +166,19 @@ def test_deepspeed_single_node_needs_no_multinode_launcher():
     assert "--deepspeed_multinode_launcher" not in cmd
 
 
+def test_accelerate_config_with_deepspeed_gets_the_standard_launcher():
+    # The project's own ZeRO-2 launch config, on 2 nodes: DeepSpeed, not --multi_gpu, no pdsh.
+    cfg = ROOT / "recipes" / "accelerate" / "deepspeed_zero2.yaml"
+    if not cfg.is_file():
+        pytest.skip("recipes/accelerate/deepspeed_zero2.yaml is not there")
+    node = node_launch_from_env(slurm_env(9, "gpu[001-002]", 2, 1), procs_per_node=8, use_scontrol=False)
+    cmd = launch_command(node, "r.yaml", script="t.py", accelerate_config=str(cfg))
+    assert _flag(cmd, "--config_file") == str(cfg) and "--use_deepspeed" in cmd and "--multi_gpu" not in cmd
+    assert _flag(cmd, "--deepspeed_multinode_launcher") == "standard" and _flag(cmd, "--machine_rank") == "1"
+    ddp = launch_command(node, "r.yaml", script="t.py", accelerate_config=str(ROOT / "recipes/accelerate/multi_gpu_8.yaml"))
+    assert "--multi_gpu" in ddp and "--use_deepspeed" not in ddp
+
+
 def test_cpu_processes_per_node():
     # On CPU (ACCELERATE_USE_CPU=1) "GPUs per node" are processes per node.
     node = node_launch_from_env(slurm_env(8, "vm", 1, 0, gpus=0), procs_per_node=2, use_scontrol=False)
