@@ -20,7 +20,9 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -298,7 +300,9 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
                 "nonfinite_total": state.nonfinite_total, "nonfinite_streak": state.nonfinite_streak,
                 "fp16_overflows": state.fp16_overflows, "ema_sha256_by_rank": digests,
                 "mixed_precision": tc.mixed_precision,
-                "distributed_type": str(acc.distributed_type), "time": time.time()})
+                "distributed_type": str(acc.distributed_type), "device": _device_name(acc.device),
+                "command": "accelerate launch " + " ".join(shlex.quote(a) for a in sys.argv),
+                "time": time.time()})
             ckpt_io.commit(run_dir, tmp, step, tc.keep_checkpoints)
         acc.wait_for_everyone()
         return run_dir / "checkpoints" / ckpt_io.step_name(step)
@@ -430,6 +434,12 @@ def write_sample_grid(recipe: Recipe, ema: EMA, diffusion, run_dir: Path, step: 
     save_image((x.float().cpu() + 1) / 2, str(tmp), nrow=max(1, int(math.sqrt(n))))
     os.replace(tmp, out)
     return out
+
+
+def _device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return torch.device(device).type
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
