@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             print("# sbatch parameters")
             print(json.dumps(params, indent=1, default=str))
             print("# sbatch script (submitit)")
-            print(sbatch_script(params, os.path.join(spec.job_dir, "%j")))
+            print(sbatch_script(params, spec.job_dir))
             print("# launch command (each node; Slurm fills in FIRST_HOST, SLURM_JOB_ID, SLURM_NODEID)")
             print(preview_command(spec, params["nodes"]))
             return 0
