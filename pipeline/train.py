@@ -54,12 +54,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from pipeline.data import DataError
     from pipeline.trainer import train
 
     try:
         return train(recipe, source=args.recipe)
-    except RecipeError as e:  # found once the world size is known (batch layout, DeepSpeed config)
-        print(f"error: {e}", file=sys.stderr)
+    except (RecipeError, DataError) as e:
+        # Found once the world size / shards are open: batch layout, DeepSpeed config, a split
+        # without samples, a resumed loader state that does not fit these shards, too many
+        # corrupt samples. Not worth a requeue: one line, exit 2.
+        print(f"error: {args.recipe}: {e}" if args.recipe not in str(e) else f"error: {e}", file=sys.stderr)
         return 2
 
 

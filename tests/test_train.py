@@ -174,6 +174,13 @@ def test_bad_recipe_exits_2_with_one_line(tmp_path, shards, override, needle):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
+def test_batch_not_divisible_by_world_exits_2(tmp_path, shards):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run")
+    r = _cli(str(recipe), "train.global_batch_size=4", "train.micro_batch_size=3")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "train.global_batch_size=4 is not a multiple of micro_batch_size 3" in r.stderr
+
+
 def test_dry_run_prints_resolved_recipe(tmp_path, shards):
     recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run")
     r = _cli(str(recipe), "train.lr=3e-4", "--dry-run")
@@ -246,6 +253,7 @@ def test_too_many_nonfinite_losses_stop(tmp_path, shards, fresh_accelerate):
                    train={"max_steps": 6, "max_nonfinite": 3})
 
 
+@pytest.mark.slow  # two training runs
 def test_init_from_checkpoint_for_finetuning(tmp_path, shards, fresh_accelerate):
     (tmp_path / "a").mkdir()
     code, base = run_inproc(tmp_path / "a", shards, train={"max_steps": 2})
