@@ -218,6 +218,10 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
         ds_cfg["train_micro_batch_size_per_gpu"] = micro
         ds_cfg["gradient_clipping"] = tc.grad_clip  # DeepSpeed clips inside engine.step
 
+    if main and tc.mixed_precision == "fp16" and acc.device.type == "cpu" and not is_ds:
+        print("warning: train.mixed_precision=fp16 on CPU: Accelerate runs float32 without a loss "
+              "scaler (fp16 autocast needs a GPU)", file=sys.stderr, flush=True)
+
     # Same initial weights on every rank (DDP also broadcasts them; DeepSpeed relies on it).
     set_seed(tc.seed)
     model = recipe.model.build()
