@@ -1,6 +1,6 @@
 """Multi-process training on CPU over gloo: 2-process DDP and 2-process DeepSpeed ZeRO-2 runs of
 the tiny model finish with identical EMA weights on both ranks; ZeRO-2 (resumed half-way) follows
-the DDP trajectory; the bf16 DeepSpeed path (16-bit weights, inputs cast to them) trains.
+the DDP trajectory; the bf16 and fp16 DeepSpeed paths (16-bit weights, inputs cast to them) train.
 
 The first DeepSpeed launch on a machine compiles a small op (~50 s, cached under
 ~/.cache/ddpm-pipeline/torch_extensions)."""
@@ -82,11 +82,13 @@ def test_deepspeed_zero2_two_processes_resume_and_match_ddp(ddp_run):
         assert_same_trajectory(weights(final, name), weights(ref, name), start)
 
 
-def test_deepspeed_bf16_weights_train(ddp_run):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_deepspeed_16bit_weights_train(ddp_run, precision):
+    """DeepSpeed keeps 16-bit weights (fp32 master copy in the optimizer); fp16 with its loss scaler."""
     root, shards, _ = ddp_run
-    run = root / "ds-bf16"
-    recipe = write_recipe(root / "bf16.yaml", shards, run, train={"max_steps": 2, "checkpoint_every": 2,
-                                                                  "mixed_precision": "bf16"})
+    run = root / f"ds-{precision}"
+    recipe = write_recipe(root / f"{precision}.yaml", shards, run,
+                          train={"max_steps": 2, "checkpoint_every": 2, "mixed_precision": precision})
     r = run_train(recipe, deepspeed=True, procs=2, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_ranks_agree(run)
