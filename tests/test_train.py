@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pipeline import checkpoint as ck
 from pipeline.config import RecipeError, load_recipe
