@@ -212,8 +212,16 @@ def _apply_override(data: dict, item: str, source: str) -> None:
     section[parts[1]] = value
 
 
+# Names other code bases use for our keys, which a string match would not find.
+_ALIASES = {"learning_rate": "lr", "batch_size": "global_batch_size", "steps": "max_steps",
+            "num_steps": "max_steps", "precision": "mixed_precision", "dataset": "shards"}
+
+
 def _closest(name: str, choices: typing.Iterable[str], prefix: str) -> str:
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    if _ALIASES.get(name) in choices:
+        return f" (did you mean '{prefix}{_ALIASES[name]}'?)"
+    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 

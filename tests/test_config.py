@@ -68,6 +68,7 @@ def test_overrides_are_typed():
         ("model:\n  preset: cifar\n", [], "unknown preset 'cifar' (did you mean 'cifar10'?)"),
         ("", ["train.warmup_step=10"], "unknown key 'train.warmup_step' (did you mean 'train.warmup_steps'?)"),
         ("", ["lr=1"], "must be section.key"),
+        ("", ["train.learning_rate=1e-4"], "unknown key 'train.learning_rate' (did you mean 'train.lr'?)"),
         ("", ["train.ema_decay=1.5"], "train.ema_decay: must be in [0, 1)"),
     ],
 )
