@@ -102,25 +102,32 @@ def manifest_path(shards: str | os.PathLike) -> Path:
     return m
 
 
-def iter_uint8(shards: str, split: str, batch_size: int):
-    """The split's images once each, as uint8 [B, H, W, 3] numpy batches."""
+def iter_uint8(shards: str, split: str, batch_size: int, limit: int | None = None):
+    """The split's images once each (the first `limit` in shard order), as uint8 [B, H, W, 3] batches."""
     from pipeline.data import iter_split
 
+    left = limit if limit is not None else float("inf")
     for x in iter_split(shards, split, batch_size):  # uint8 [B, 3, H, W]
+        if left <= 0:
+            return
+        x = x[: int(min(left, len(x)))]
+        left -= len(x)
         yield x.permute(0, 2, 3, 1).numpy()
 
 
 def reference_statistics(shards: str, extractor, *, extractor_id: str, split: str = "train",
                          batch_size: int = 64, cache: str | os.PathLike | None = None,
-                         device="cpu") -> tuple[dict, Path, bool]:
-    """(stats, cache file, was_cached) of a shard split, computed once per manifest."""
+                         device="cpu", limit: int | None = None) -> tuple[dict, Path, bool]:
+    """(stats, cache file, was_cached) of a shard split (its first `limit` images if given),
+    computed once per manifest."""
     m = manifest_path(shards)
-    key = hashlib.sha256(f"{sha256_file(m)}|{split}|{extractor_id}".encode()).hexdigest()[:24]
+    cap = "" if limit is None else f"|first{limit}"
+    key = hashlib.sha256(f"{sha256_file(m)}|{split}|{extractor_id}{cap}".encode()).hexdigest()[:24]
     path = Path(cache or cache_dir() / "fid-ref") / f"ref-{key}.npz"
     if path.is_file():
         with np.load(path) as z:
             return {"mu": z["mu"], "sigma": z["sigma"], "n": int(z["n"])}, path, True
-    feats = [features(b, extractor, batch_size, device, progress=False) for b in _tqdm_batches(shards, split, batch_size)]
+    feats = [features(b, extractor, batch_size, device, progress=False) for b in _tqdm_batches(shards, split, batch_size, limit)]
     if not feats:
         raise EvalError(f"{m}: the '{split}' split is empty")
     stats = statistics(np.concatenate(feats))
@@ -132,10 +139,11 @@ def reference_statistics(shards: str, extractor, *, extractor_id: str, split: st
     return stats, path, False
 
 
-def _tqdm_batches(shards, split, batch_size):
+def _tqdm_batches(shards, split, batch_size, limit):
     from tqdm import tqdm
 
-    yield from tqdm(iter_uint8(shards, split, batch_size), desc=f"reference features ({split})", unit="batch")
+    yield from tqdm(iter_uint8(shards, split, batch_size, limit), desc=f"reference features ({split})",
+                    unit="batch")
 
 
 def extractor_id(name: str, weights: str | None) -> str:
@@ -143,12 +151,14 @@ def extractor_id(name: str, weights: str | None) -> str:
 
 
 def compute_fid(images, shards: str, *, name: str = INCEPTION, weights: str | None = None,
-                split: str = "train", batch_size: int = 64, cache=None, device="cpu") -> dict:
+                split: str = "train", batch_size: int = 64, cache=None, device="cpu",
+                reference_count: int | None = None) -> dict:
     """FID of uint8 images against the shard split; returns metrics and the reference used."""
     fe = load_extractor(name, weights, _default_layer(name), device)
     eid = extractor_id(name, weights)
     ref, ref_path, cached = reference_statistics(shards, fe, extractor_id=eid, split=split,
-                                                 batch_size=batch_size, cache=cache, device=device)
+                                                 batch_size=batch_size, cache=cache, device=device,
+                                                 limit=reference_count)
     gen = statistics(features(images, fe, batch_size, device))
     return {"fid": frechet_distance(gen, ref), "num_samples": gen["n"], "reference_count": ref["n"],
             "reference_cache": str(ref_path), "reference_cached": cached, "extractor": eid}
@@ -215,6 +225,9 @@ def register(subparsers) -> None:
                            help="shard directory of the reference set (default: eval.fid_reference, "
                            "else data.shards; the paper uses the training set)")
             p.add_argument("--reference-split", default="train")
+            p.add_argument("--reference-count", type=int, default=None, metavar="N",
+                           help="use only the first N reference images in shard order (default: all; "
+                           "the count is recorded in the protocol, e.g. 50000 for LSUN's millions)")
             p.add_argument("--cache-dir", default=None, help="reference statistics cache "
                            "(default: $DDPM_CACHE/fid-ref or ~/.cache/ddpm-pipeline/fid-ref)")
             p.add_argument("--feature-extractor", default=INCEPTION, help=argparse_suppress())
@@ -238,9 +251,14 @@ def main(args) -> int:
         if not has_logits(weights):
             compute_is(np.zeros((0, 1, 1, 3), np.uint8), weights=weights)  # raises the explanation
         load_extractor(INCEPTION, weights, "logits_unbiased")  # downloads now, or explains why not
+    if getattr(args, "reference_count", None) is not None and args.reference_count < 2:
+        raise EvalError(f"--reference-count {args.reference_count}: FID needs at least 2 reference images")
     loaded, proto, acc = sample_from_args(args)
     if not acc.is_main_process:
         return 0
+    if acc.device.type == "cpu":
+        # The other processes are done: score on every core (launchers set 1 thread per process).
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
     images = SampleChunks(args.out)  # streamed chunk by chunk
     if args.metric == "fid":
         name = _register_extractor(args.feature_extractor)
@@ -248,7 +266,8 @@ def main(args) -> int:
         if not shards:
             raise EvalError("no reference set: pass --reference SHARDS or set data.shards in the recipe")
         m = compute_fid(images, shards, name=name, weights=weights if name == INCEPTION else None,
-                        split=args.reference_split, batch_size=args.feature_batch_size, cache=args.cache_dir)
+                        split=args.reference_split, batch_size=args.feature_batch_size, cache=args.cache_dir,
+                        reference_count=args.reference_count)
         metrics = {"fid": m["fid"]}
         protocol = {**proto, "reference": str(shards), "reference_split": args.reference_split,
                     "reference_count": m["reference_count"],

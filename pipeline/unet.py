@@ -98,9 +98,10 @@ class AttnBlock(nn.Module):
         q, k, v = self.qkv(h).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, HW, C] each
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # softmax(q k^T / sqrt(C)) v
         h = self.proj_out(h)
-        # [B, HW, C] -> [B, C, H, W]: a view with channels_last strides; the residual is added
-        # in place into the projection's fresh output.
-        return h.transpose(1, 2).reshape(B, C, H, W).add_(x)
+        # [B, HW, C] -> [B, C, H, W] is a view with channels_last strides; adding it to the
+        # (contiguous) residual first gives a contiguous output, so the next conv's weight
+        # gradient keeps the parameter's layout (DDP's gradient buckets require it).
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):

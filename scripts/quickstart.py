@@ -60,7 +60,8 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
     run(ACCELERATE_2CPU + ["pipeline/train.py", "recipes/quickstart.yaml", *overrides], env=cpu)
 
     stage("4/5 eval: samples + FID (offline Inception), test NLL, Figs. 5/6/8")
-    run(ACCELERATE_2CPU + ["-m", "eval", "fid", run_dir, "--out", ev, "--num-samples", str(samples)], env=cpu)
+    run(ACCELERATE_2CPU + ["-m", "eval", "fid", run_dir, "--out", ev, "--num-samples", str(samples),
+                            "--reference-count", "1000"], env=cpu)
     run(ACCELERATE_2CPU + ["-m", "eval", "nll", run_dir, "--out", ev], env=cpu)
     run([PY, "-m", "eval", "figures", run_dir, "--out", ev / "figures", "--num-images", "8"], env=cpu)
 

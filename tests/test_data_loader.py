@@ -189,6 +189,9 @@ def test_formats_and_decoders_give_identical_batches(tmp_path):
 def _gloo_worker(rank, world, init_file, shards, out_dir, steps):
     import torch.distributed as dist
 
+    # A forked child must not enter an OpenMP parallel region: the parent's OpenMP pool (used by
+    # earlier tests) does not survive fork and the child would hang in its first parallel op.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     table, _ = key_of(shards)
     loader = TrainLoader(shards, batch_size=3, rank=rank, world_size=world, seed=11, random_flip=False,

@@ -115,6 +115,11 @@ def test_reference_statistics_are_cached_and_invalidated_when_shards_change(tmp_
     np.testing.assert_allclose(s1["mu"], direct["mu"], rtol=0, atol=1e-12)
     # another extractor id is another entry
     assert reference_statistics(str(shards), fe, **{**kw, "extractor_id": "other"})[2] is False
+    # a cap takes the first N training images in shard order, and is its own cache entry
+    s10, path10, cached10 = reference_statistics(str(shards), fe, **kw, limit=10)
+    assert cached10 is False and path10 != path1 and s10["n"] == 10
+    first10 = statistics(features(_train_images(shards)[:10], fe, progress=False))
+    np.testing.assert_allclose(s10["mu"], first10["mu"], rtol=0, atol=1e-12)
     # new shards in the same place: a new manifest, so new statistics
     import shutil
 
