@@ -8,7 +8,8 @@ processes on tiny shards made by data_prep, checkpointing every 10 steps:
 2. a job in the higher-priority partition preempts a training job: it saves, requeues and
    resumes, and its final weights equal the uninterrupted run's, bit for bit;
 3. `scontrol requeue` (SIGTERM, no checkpoint call) of a running job: it resumes from at
-   least the last periodic checkpoint, and its final weights equal the reference too.
+   least the last periodic checkpoint, and its final weights equal the reference too;
+4. a job that reaches its time limit saves at the signal, requeues itself and resumes.
 `DDPM_TEST_TRAIN_SCRIPT` may name another training script that honours the same contract.
 """
 
@@ -214,16 +215,25 @@ def test_impossible_request_is_a_clear_error(slurm_env, workdir, extra, reason):
     assert not (workdir / "impossible" / "slurm").exists() or not any((workdir / "impossible" / "slurm").iterdir())
 
 
-def test_time_limit_saves_requeues_and_finishes(slurm_env, workdir):
-    # A 2-minute limit with the signal 60 s before it (Slurm sends it up to a minute early);
-    # 150 steps need longer than one start, so the job saves at the signal, requeues itself
-    # and finishes in a later start.
+def test_time_limit_saves_requeues_and_resumes(slurm_env, workdir):
+    # A 2-minute limit with the signal 60 s before it (Slurm sends it up to 30 s earlier still).
+    # The job has far more steps than one start can do, whatever the machine's speed: it must
+    # save at the signal, requeue itself and resume in the next start; then we cancel it.
     job_id, job_dir = submit(slurm_env, workdir, "timed", "--time", "00:02:00", "--signal-delay-s", "60",
-                             steps=150)
-    info = wait_done(slurm_env, job_id, job_dir, timeout=480)
+                             steps=1_000_000)
+    run = workdir / "timed"
+
+    def resumed_and_progressed():
+        r = resumed_steps(log_text(job_dir, job_id))
+        return r and latest_step(run) > r[0] and r
+
+    try:
+        resumed = wait_until(resumed_and_progressed, 400, "a resumed start that saves a newer checkpoint")
+        info = job_info(slurm_env, job_id)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm_env)
     log = log_text(job_dir, job_id)
     events = json.loads((job_dir / "requeues.json").read_text())["events"]
     assert int(info["Restarts"]) >= 1 and events and {e["kind"] for e in events} == {"timeout"}, log[-3000:]
     assert "timeout signal: asking training to save" in log
-    assert latest_step(workdir / "timed") == 150
-    assert resumed_steps(log) and all(s > 0 for s in resumed_steps(log))
+    assert resumed[0] > 0

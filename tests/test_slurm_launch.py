@@ -78,9 +78,13 @@ def test_expand_nodelist_agrees_with_submitit_parser():
 
 
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol (slurm-client) is not installed")
-def test_expand_nodelist_agrees_with_scontrol():
+def test_expand_nodelist_agrees_with_scontrol(tmp_path):
+    # `scontrol show hostnames` needs only a configuration file, not a running controller.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=test\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
     for nodelist in ["gpu[001-004,010]", NODELIST_16, "r[1-2]n[01-02]", "gpu[8-11]"]:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, env=env)
         if out.returncode != 0:
             pytest.skip(f"scontrol cannot run here: {out.stderr.strip()}")
         assert expand_nodelist(nodelist) == out.stdout.split()
