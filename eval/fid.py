@@ -106,12 +106,13 @@ def iter_uint8(shards: str, split: str, batch_size: int, limit: int | None = Non
     """The split's images once each (the first `limit` in shard order), as uint8 [B, H, W, 3] batches."""
     from pipeline.data import iter_split
 
-    left = limit if limit is not None else float("inf")
+    seen = 0
     for x in iter_split(shards, split, batch_size):  # uint8 [B, 3, H, W]
-        if left <= 0:
-            return
-        x = x[: int(min(left, len(x)))]
-        left -= len(x)
+        if limit is not None:
+            if seen >= limit:
+                return
+            x = x[: limit - seen]
+        seen += len(x)
         yield x.permute(0, 2, 3, 1).numpy()
 
 
@@ -225,13 +226,21 @@ def register(subparsers) -> None:
                            help="shard directory of the reference set (default: eval.fid_reference, "
                            "else data.shards; the paper uses the training set)")
             p.add_argument("--reference-split", default="train")
-            p.add_argument("--reference-count", type=int, default=None, metavar="N",
+            p.add_argument("--reference-count", type=_at_least_2, default=None, metavar="N",
                            help="use only the first N reference images in shard order (default: all; "
                            "the count is recorded in the protocol, e.g. 50000 for LSUN's millions)")
             p.add_argument("--cache-dir", default=None, help="reference statistics cache "
                            "(default: $DDPM_CACHE/fid-ref or ~/.cache/ddpm-pipeline/fid-ref)")
             p.add_argument("--feature-extractor", default=INCEPTION, help=argparse_suppress())
         p.set_defaults(func=main, metric=cmd)
+
+
+def _at_least_2(text: str) -> int:
+    import argparse
+
+    if not text.isdigit() or int(text) < 2:  # a covariance needs two images
+        raise argparse.ArgumentTypeError(f"{text!r}: FID needs a whole number >= 2 of reference images")
+    return int(text)
 
 
 def argparse_suppress():
@@ -251,8 +260,6 @@ def main(args) -> int:
         if not has_logits(weights):
             compute_is(np.zeros((0, 1, 1, 3), np.uint8), weights=weights)  # raises the explanation
         load_extractor(INCEPTION, weights, "logits_unbiased")  # downloads now, or explains why not
-    if getattr(args, "reference_count", None) is not None and args.reference_count < 2:
-        raise EvalError(f"--reference-count {args.reference_count}: FID needs at least 2 reference images")
     loaded, proto, acc = sample_from_args(args)
     if not acc.is_main_process:
         return 0
