@@ -33,6 +33,7 @@ import torch
 from pipeline import checkpoint as ckpt_io
 from pipeline.config import Recipe, RecipeError, save_recipe
 from pipeline.ema import EMA
+from pipeline.hardware import precision_problem
 
 log = logging.getLogger("pipeline.train")
 
@@ -218,9 +219,14 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
         ds_cfg["train_micro_batch_size_per_gpu"] = micro
         ds_cfg["gradient_clipping"] = tc.grad_clip  # DeepSpeed clips inside engine.step
 
-    if main and tc.mixed_precision == "fp16" and acc.device.type == "cpu" and not is_ds:
-        print("warning: train.mixed_precision=fp16 on CPU: Accelerate runs float32 without a loss "
-              "scaler (fp16 autocast needs a GPU)", file=sys.stderr, flush=True)
+    # Ask before any work whether this device can run the precision (a recipe's, or a DeepSpeed
+    # JSON that enables one itself), instead of failing inside deepspeed.initialize on every rank.
+    precision = acc.mixed_precision
+    if is_ds:
+        precision = next((p for p in ("fp16", "bf16") if ds_cfg.get(p, {}).get("enabled") is True), precision)
+    problem = precision_problem(precision, acc.device.type, deepspeed=is_ds)
+    if problem:
+        raise RecipeError(f"train.mixed_precision={precision}: {problem}")
 
     # Same initial weights on every rank (DDP also broadcasts them; DeepSpeed relies on it).
     set_seed(tc.seed)

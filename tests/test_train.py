@@ -180,6 +180,17 @@ def test_batch_not_divisible_by_world_exits_2(tmp_path, shards):
     assert "train.global_batch_size=4 is not a multiple of micro_batch_size 3" in r.stderr
 
 
+def test_unsupported_precision_exits_2_with_one_line(tmp_path, shards):
+    """fp16 on a CPU without DeepSpeed would silently run float32: refused before any work."""
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run")
+    r = _cli(str(recipe), "train.mixed_precision=fp16")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "train.mixed_precision=fp16" in lines[0] and "cpu" in lines[0] and "use bf16 or no" in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_dry_run_prints_resolved_recipe(tmp_path, shards):
     recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run")
     r = _cli(str(recipe), "train.lr=3e-4", "--dry-run")
@@ -268,8 +279,8 @@ def test_init_from_checkpoint_for_finetuning(tmp_path, shards, fresh_accelerate)
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-9)
 
 
-# fp16 is not here: on CPU Accelerate drops fp16 to float32 without a loss scaler (native_amp off),
-# so a CPU test would not exercise it; the scaler path needs a GPU.
+# fp16 is not here: on CPU Accelerate would drop it to float32 without a loss scaler, so the trainer
+# refuses it (test_unsupported_precision_exits_2_with_one_line); the scaler path needs a GPU.
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_mixed_precision_steps_follow_fp32(tmp_path, shards, fresh_accelerate, precision):
     """A few bf16 steps on CPU (autocast): finite, no skipped step, and the weights move

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ck
+from pipeline.hardware import precision_problem
 from train_helpers import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,17 @@ def test_deepspeed_zero2_two_processes_resume_and_match_ddp(ddp_run):
         assert_same_trajectory(weights(final, name), weights(ref, name), start)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def _ds_precision_problem(precision: str) -> str | None:
+    """What the trainer asks before a DeepSpeed run (DeepSpeed's CPU accelerator here)."""
+    return precision_problem(precision, "cpu", deepspeed=True)
+
+
+def _needs_support(precision: str):
+    problem = _ds_precision_problem(precision)
+    return pytest.param(precision, marks=pytest.mark.skipif(problem is not None, reason=problem or ""))
+
+
+@pytest.mark.parametrize("precision", [_needs_support("bf16"), _needs_support("fp16")])
 def test_deepspeed_16bit_weights_train(ddp_run, precision):
     """DeepSpeed keeps 16-bit weights (fp32 master copy in the optimizer); fp16 with its loss scaler."""
     root, shards, _ = ddp_run
@@ -97,3 +108,23 @@ def test_deepspeed_16bit_weights_train(ddp_run, precision):
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
     assert ck.read_trainer_state(c)["nonfinite_total"] == 0
     assert any(not torch.equal(w[k], ema[k]) for k in w)  # it trained (EMA lags the weights)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_unsupported_deepspeed_precision_is_refused_in_one_line(ddp_run, precision):
+    """Where DeepSpeed's accelerator cannot run the precision, the trainer says so before any
+    work (exit 2, one line naming it) instead of a traceback from deepspeed.initialize."""
+    problem = _ds_precision_problem(precision)
+    if problem is None:
+        pytest.skip(f"{precision} is supported by DeepSpeed's accelerator on this CPU: nothing to refuse")
+    root, shards, _ = ddp_run
+    run = root / f"refused-{precision}"
+    recipe = write_recipe(root / f"refused-{precision}.yaml", shards, run,
+                          train={"max_steps": 2, "mixed_precision": precision})
+    r = run_train(recipe, deepspeed=True, procs=2, timeout=600)
+    assert r.returncode != 0
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and all(problem in ln and f"train.mixed_precision={precision}" in ln for ln in errors), r.stderr[-3000:]
+    # The launcher still reports the failed ranks; nothing comes from inside DeepSpeed.
+    assert "deepspeed/runtime" not in r.stderr and "is not supported on your device" not in r.stderr
+    assert not (run / "checkpoints").exists()
