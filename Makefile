@@ -17,7 +17,7 @@ install: $(STAMP)
 
 # The whole chain on a small real image set on CPU: data_prep -> 2-process training -> eval -> Hub -> back.
 quickstart: install
-	$(PY) scripts/quickstart.py
+	$(PY) -m scripts.quickstart
 
 # Everything, slow multi-process and end-to-end tests included (what CI runs).
 test: install

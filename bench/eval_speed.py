@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline import build
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,14 +44,14 @@ def main() -> None:
 
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from eval.common import generators
+    from pipeline.rng import eval_generators as generators
     from pipeline import convert
     from pipeline.config import load_recipe
 
     recipe = load_recipe(args.recipe, [f"diffusion.timesteps={args.timesteps}"])
     torch.manual_seed(0)
-    model = recipe.model.build().eval()
-    d = recipe.diffusion.build()
+    model = build.unet(recipe.model).eval()
+    d = build.diffusion(recipe.diffusion)
     kw = recipe.model.unet_kwargs()
     res, B, T = kw["resolution"], args.batch, args.timesteps
 

@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline import build
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # run as a script: scripts.hub_server is not installed
 
 
 def best(fn, repeat):
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hub-bench-"))
-    from hub_server import HubServer
+    from scripts.hub_server import HubServer
 
     srv = HubServer().start()
     os.environ.update(HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1", HF_ENDPOINT=srv.endpoint,
@@ -50,7 +52,7 @@ def main() -> None:
     from pipeline.hub import load_pretrained, push_to_hub
 
     recipe = Recipe.from_dict({"model": {"preset": "cifar10"}, "run": {"name": "cifar10"}})
-    model = recipe.model.build()
+    model = build.unet(recipe.model)
     ckpt = tmp / "run" / "checkpoints" / "step-00000001"
     ckpt.mkdir(parents=True)
     save_recipe(recipe, ckpt / "config.yaml")

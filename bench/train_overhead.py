@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline import checkpoint as ck  # noqa: E402
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule  # noqa: E402
 from pipeline.ema import EMA  # noqa: E402
-from pipeline.trainer import draw_t_and_noise  # noqa: E402
+from pipeline.diffusion import draw_t_and_noise  # noqa: E402
 from pipeline.unet import UNet, build_unet  # noqa: E402
 
 

@@ -65,21 +65,6 @@ def accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def seed_for(base_seed: int, index: int) -> int:
-    """A 63-bit seed for sample `index`: independent streams per (base seed, index), so a sample
-    never depends on the batch, the process or the world size it is drawn in."""
-    return int(np.random.SeedSequence([int(base_seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def generators(base_seed: int, indices, device) -> list[torch.Generator]:
-    gens = []
-    for i in indices:
-        g = torch.Generator(device=device)
-        g.manual_seed(seed_for(base_seed, i))
-        gens.append(g)
-    return gens
-
-
 class Precision(torch.nn.Module):
     """Runs the wrapped model under autocast (bf16/fp16) and returns float32, so the sampler's
     arithmetic (eq. 11 / Algorithm 2) stays in float32; 'no' calls the model unchanged."""

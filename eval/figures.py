@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, generators, load_model, to_uint8
+from pipeline.rng import eval_generators
+from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, to_uint8
 from eval.results import weights_sha256, write_result
 from eval.sample import save_grid
 
@@ -45,7 +46,7 @@ def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, se
     """
     T = diffusion.num_timesteps
     with torch.inference_mode():
-        r = diffusion.calc_bpd(model, x0, generator=generators(seed, range(len(x0)), x0.device), t_batch=t_batch)
+        r = diffusion.calc_bpd(model, x0, generator=eval_generators(seed, range(len(x0)), x0.device), t_batch=t_batch)
     terms, prior = r["terms_bpd"].double().cpu(), r["prior_bpd"].double().cpu()
     mse = r["mse"].double().cpu()  # of pred_x0 on [-1, 1]
     # rate at t: prior + sum_{i >= t+1} terms[:, i]  (reverse cumulative sum, shifted by one)
@@ -89,7 +90,7 @@ def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, de
             shots[t] = pred_x0.detach().cpu()
 
     with torch.inference_mode():
-        diffusion.p_sample_loop(model, shape, generator=generators(seed, range(shape[0]), device), callback=grab)
+        diffusion.p_sample_loop(model, shape, generator=eval_generators(seed, range(shape[0]), device), callback=grab)
     cols = [to_uint8(shots[t]) for t in sorted(want, reverse=True)]
     return np.stack(cols, 1)
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, generators, load_model
+from pipeline.rng import eval_generators
+from eval.common import EvalError, Precision, accelerator, add_model_args, load_model
 from eval.results import weights_sha256, write_result
 
 
@@ -59,7 +60,7 @@ def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t
         x = x.to(device)
         # One noise stream per image, keyed by (seed, sample key): the same draw for an image
         # whatever the batch size or the number of processes.
-        gens = generators(seed, [key_index(k) for k in keys], device)
+        gens = eval_generators(seed, [key_index(k) for k in keys], device)
         with torch.inference_mode():
             r = d.calc_bpd(model, x, generator=gens, t_batch=t_batch)
         terms = r["terms_bpd"].double().cpu()

@@ -5,7 +5,7 @@ Layout of the output directory:
                                 weights hash) and, when finished, the list of chunks
     OUT/chunks/chunk-000123.npz images uint8 [n, H, W, 3] and their global indices
     OUT/grid.png                the first 64 samples, for a look
-Sample i is drawn from its own generator seeded by (seed, i) (`common.seed_for`), so it is the
+Sample i is drawn from its own generator seeded by (seed, i) (`pipeline.rng.eval_seed`), so it is the
 same image whatever the batch size or the number of processes. Chunk c holds samples
 [c*chunk_size, (c+1)*chunk_size); it is written to a temporary name and renamed when whole,
 so a chunk file that exists is complete. A restarted job lists the chunks that exist and
@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, generators, load_model, to_uint8
+from pipeline import build
+from pipeline.rng import eval_generators
+from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, to_uint8
 from eval.results import BEYOND_PAPER, weights_sha256
 
 CHUNK_RE = "chunk-{:06d}.npz"
@@ -85,7 +87,7 @@ def draw(loaded, indices, *, seed: int, sampler: str, steps: int | None, eta: fl
     d, model = loaded.diffusion, Precision(loaded.model, precision, device)
     r = loaded.recipe.model.unet_kwargs()
     shape = (len(indices), r.get("in_channels", 3), r["resolution"], r["resolution"])
-    gens = generators(seed, indices, device)
+    gens = eval_generators(seed, indices, device)
     with torch.inference_mode():
         if sampler == "ancestral":
             x = d.p_sample_loop(model, shape, generator=gens)  # Algorithm 2
@@ -157,7 +159,7 @@ def _with_var_type(loaded, var_type: str):
     import dataclasses
 
     cfg = dataclasses.replace(loaded.recipe.diffusion, var_type=var_type)
-    return cfg.build()
+    return build.diffusion(cfg)
 
 
 def load_samples(out: str | os.PathLike, limit: int | None = None) -> np.ndarray:

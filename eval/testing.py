@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from pipeline import build
+
 TINY_MODEL = dict(resolution=8, ch=32, ch_mult=[1], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
@@ -39,7 +41,7 @@ def make_checkpoint(folder: str | os.PathLike, recipe=None, seed: int = 0) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = recipe.model.build()
+    model = build.unet(recipe.model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim > 1 and p.abs().max() < 1e-6:
@@ -140,7 +142,7 @@ def oracle_factory(src: str) -> _Oracle:
     images = torch.cat(list(iter_float(recipe.data.shards, recipe.eval.nll_split, 4)))
     if len(images) != 1:
         raise ValueError(f"{src}: the oracle needs exactly one {recipe.eval.nll_split} image, found {len(images)}")
-    d = recipe.diffusion.build()
+    d = build.diffusion(recipe.diffusion)
     return _Oracle(OracleEps(images[0], d.alphas_cumprod), d, recipe)
 
 

@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.presets import PRESETS
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run. Entry points print the message and exit 2."""
@@ -26,7 +28,7 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A preset of pipeline.unet.PRESETS; the fields below override it when set.
+    # A preset of pipeline.presets.PRESETS; the fields below override it when set.
     preset: Optional[str] = None
     resolution: Optional[int] = None
     in_channels: Optional[int] = None
@@ -38,8 +40,7 @@ class ModelConfig:
     dropout: Optional[float] = None
 
     def unet_kwargs(self) -> dict:
-        from pipeline.unet import PRESETS
-
+        """The resolved `UNet(**kwargs)`: the preset, overridden by the fields that are set."""
         kwargs = dict(PRESETS[self.preset]) if self.preset else {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -48,11 +49,6 @@ class ModelConfig:
         if "resolution" not in kwargs:
             raise RecipeError("model: set model.preset or model.resolution")
         return kwargs
-
-    def build(self, **overrides):
-        from pipeline.unet import UNet
-
-        return UNet(**{**self.unet_kwargs(), **overrides})
 
 
 @dataclass
@@ -63,14 +59,6 @@ class DiffusionConfig:
     mean_type: Literal["eps", "x0", "mu"] = "eps"
     var_type: Literal["fixed_small", "fixed_large"] = "fixed_large"
     loss_type: Literal["simple", "vlb", "mu_mse"] = "simple"
-
-    def build(self):
-        from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-
-        betas = linear_beta_schedule(self.timesteps, self.beta_start, self.beta_end)
-        return GaussianDiffusion(
-            betas, mean_type=self.mean_type, var_type=self.var_type, loss_type=self.loss_type
-        )
 
 
 @dataclass
@@ -297,8 +285,6 @@ def _check_values(r: Recipe, source: str) -> None:
             raise RecipeError(f"{source}: {key}: {what}")
 
     if r.model.preset is not None:
-        from pipeline.unet import PRESETS
-
         need(
             r.model.preset in PRESETS,
             "model.preset",

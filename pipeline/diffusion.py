@@ -11,13 +11,12 @@ Sampling loops (Algorithm 2, progressive generation, DDIM, interpolation) live i
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional
 
 import torch
 
 from pipeline import sampling
-
-Generator = Union[torch.Generator, Sequence[torch.Generator], None]
+from pipeline.rng import STREAM_DIFFUSION, Generator, randn_like_batch, stream_generators
 MEAN_TYPES = ("eps", "x0", "mu")
 VAR_TYPES = ("fixed_small", "fixed_large")
 LOSS_TYPES = ("simple", "vlb", "mu_mse")
@@ -28,19 +27,17 @@ def linear_beta_schedule(T: int = 1000, beta_start: float = 1e-4, beta_end: floa
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
-def randn_like_batch(shape, generator: Generator = None, device=None, dtype=torch.float32):
-    """Standard normal noise of `shape` ([B, ...]).
+def draw_t_and_noise(positions: range, timesteps: int, shape: tuple, seed: int, device) -> tuple:
+    """Algorithm 1, lines 3-4: t ~ Uniform({1..T}) (0-based here) and eps ~ N(0, I) for the
+    samples at these positions of the global training stream. Returns (t [B], eps [B, *shape]).
 
-    `generator` may be one `torch.Generator` (one stream for the batch) or a list of B
-    generators: then sample i draws from generator i only, so a sample's noise does not
-    depend on which batch it is drawn in or how large that batch is.
-    """
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    if len(generator) != shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype)
-                        for g in generator])
+    One generator per sample keeps a sample's draw independent of which rank, micro-batch or
+    world size it lands in; that is what lets a 2-process checkpoint continue on 1 process."""
+    ts, noise = [], []
+    for g in stream_generators(seed, STREAM_DIFFUSION, positions, device):
+        ts.append(torch.randint(timesteps, (1,), generator=g, device=device))
+        noise.append(torch.randn(shape, generator=g, device=device))
+    return torch.cat(ts), torch.stack(noise)
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):

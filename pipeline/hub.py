@@ -30,6 +30,8 @@ from typing import Any, Iterable
 
 import torch
 
+from pipeline import build
+
 log = logging.getLogger(__name__)
 
 OUR_WEIGHTS = ("ema.safetensors", "model.safetensors")
@@ -164,9 +166,9 @@ def _build_ours(config: Path, weights: Path, source: str | None) -> Pretrained:
         recipe = load_recipe(config)
     except RecipeError as e:
         raise LoadError(str(e)) from None
-    model = recipe.model.build()
+    model = build.unet(recipe.model)
     _load_into(model, load_state_dict(weights), weights)
-    return Pretrained(model.eval(), recipe.diffusion.build(), recipe, source or str(weights))
+    return Pretrained(model.eval(), build.diffusion(recipe.diffusion), recipe, source or str(weights))
 
 
 def _scheduler_config(folder: Path) -> Path | None:
@@ -230,14 +232,14 @@ def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source
                                    "run": {"name": name.replace("/", "--")}}, source=str(config))
     except RecipeError as e:
         raise LoadError(str(e)) from None
-    model = recipe.model.build()
+    model = build.unet(recipe.model)
     state = _rename_deprecated_attention(load_state_dict(weights))
     try:
         state = convert.from_diffusers(state)
     except (KeyError, ValueError) as e:
         raise LoadError(f"{weights}: weights do not match the diffusers UNet2DModel layout: {e}") from None
     _load_into(model, state, weights)
-    return Pretrained(model.eval(), recipe.diffusion.build(), recipe, source or str(weights))
+    return Pretrained(model.eval(), build.diffusion(recipe.diffusion), recipe, source or str(weights))
 
 
 _OLD_ATTN = re.compile(r"(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")

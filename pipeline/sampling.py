@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from pipeline.rng import randn_like_batch
+
 
 def maybe_tqdm(it, progress: bool, **kw):
     if not progress:
@@ -22,8 +24,6 @@ def maybe_tqdm(it, progress: bool, **kw):
 
 
 def _randn(shape, generator, device, dtype=torch.float32):
-    from pipeline.diffusion import randn_like_batch
-
     return randn_like_batch(shape, generator, device, dtype)
 
 

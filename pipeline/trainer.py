@@ -15,7 +15,6 @@ A run killed and relaunched therefore computes exactly what the uninterrupted ru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,10 +29,13 @@ from typing import Callable, Optional
 
 import torch
 
+from pipeline import build
 from pipeline import checkpoint as ckpt_io
 from pipeline.config import Recipe, RecipeError, save_recipe
+from pipeline.diffusion import draw_t_and_noise
 from pipeline.ema import EMA
 from pipeline.hardware import precision_problem
+from pipeline.rng import STREAM_DROPOUT, STREAM_SAMPLE_GRID, mix_seed, stream_generators
 
 log = logging.getLogger("pipeline.train")
 
@@ -48,16 +50,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; distinct tuples give unrelated streams."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-# The streams drawn from mix_seed(seed, STREAM, ...): never reuse a number.
-STREAM_DIFFUSION, STREAM_DROPOUT = 1, 2
 
 
 def batch_layout(global_batch: int, world_size: int, micro_batch: Optional[int]) -> tuple[int, int]:
@@ -82,19 +74,6 @@ def learning_rate(step: int, base_lr: float, warmup: int) -> float:
     if warmup <= 0:
         return base_lr
     return base_lr * min(1.0, (step + 1) / warmup)
-
-
-def draw_t_and_noise(positions: range, timesteps: int, shape: tuple, seed: int, device) -> tuple:
-    """t [B] and eps [B, *shape] for the samples at these global stream positions (eq. 14).
-
-    One generator per sample keeps a sample's draw independent of which rank, micro-batch or
-    world size it lands in; that is what lets a 2-process checkpoint continue on 1 process."""
-    ts, noise = [], []
-    for pos in positions:
-        g = torch.Generator(device=device).manual_seed(mix_seed(seed, STREAM_DIFFUSION, pos))
-        ts.append(torch.randint(timesteps, (1,), generator=g, device=device))
-        noise.append(torch.randn(shape, generator=g, device=device))
-    return torch.cat(ts), torch.stack(noise)
 
 
 class StopFlag:
@@ -230,7 +209,7 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
 
     # Same initial weights on every rank (DDP also broadcasts them; DeepSpeed relies on it).
     set_seed(tc.seed)
-    model = recipe.model.build()
+    model = build.unet(recipe.model)
     ckpt = ckpt_io.latest_checkpoint(run_dir)
     if ckpt is None and tc.init_from:
         missing, unexpected = model.load_state_dict(load_init_weights(tc.init_from), strict=False)
@@ -238,7 +217,7 @@ def train(recipe: Recipe, *, source: str = "<recipe>", fault: Optional[Fault] = 
             raise RecipeError(f"train.init_from: {tc.init_from}: weights do not fit model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     ema = EMA(model, tc.ema_decay, device=acc.device)
-    diffusion = recipe.diffusion.build()
+    diffusion = build.diffusion(recipe.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas,
                                  eps=tc.adam_eps, weight_decay=tc.weight_decay)
     if main:
@@ -430,12 +409,12 @@ def write_sample_grid(recipe: Recipe, ema: EMA, diffusion, run_dir: Path, step: 
     from torchvision.utils import save_image
 
     tc = recipe.train
-    model = recipe.model.build().to(ema.shadow[0].device)
+    model = build.unet(recipe.model).to(ema.shadow[0].device)
     ema.copy_to(model)
     model.eval()
     n = tc.sample_count
     res, ch = model.config["resolution"], model.config["in_channels"]
-    gens = [torch.Generator(device=ema.shadow[0].device).manual_seed(mix_seed(tc.seed, 3, i)) for i in range(n)]
+    gens = stream_generators(tc.seed, STREAM_SAMPLE_GRID, range(n), ema.shadow[0].device)
     with torch.no_grad():
         x = diffusion.p_sample_loop(model, (n, ch, res, res), generator=gens)
     out = run_dir / "samples" / f"step-{step:08d}.png"

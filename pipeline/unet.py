@@ -19,18 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRESETS: dict[str, dict] = {
-    # Appendix B: 35.7M parameters, dropout 0.1 on CIFAR-10.
-    "cifar10": dict(resolution=32, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.1),
-    # 256x256 models: 114M (CelebA-HQ, LSUN) and the larger 256M LSUN model (ch=192).
-    "celebahq256": dict(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                        attn_resolutions=(16,), dropout=0.0),
-    "lsun256": dict(resolution=256, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                    attn_resolutions=(16,), dropout=0.0),
-    "lsun256_large": dict(resolution=256, ch=192, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                          attn_resolutions=(16,), dropout=0.0),
-}
+from pipeline.presets import PRESETS
 
 GN_GROUPS = 32
 GN_EPS = 1e-6

@@ -20,11 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.hub_server import HubServer
+from scripts.quickstart_data import make_quickstart_lmdb
 
-from quickstart_data import make_quickstart_lmdb  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 ACCELERATE_2CPU = [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -66,9 +65,6 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
     run([PY, "-m", "eval", "figures", run_dir, "--out", ev / "figures", "--num-images", "8"], env=cpu)
 
     stage("5/5 Hub: push to a Hub server on localhost, download into a clean cache, sample from it")
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hub_server import HubServer
-
     with HubServer(tokens={"hf_quickstart": "quickstart"}) as srv:
         hub_env = {"HF_ENDPOINT": srv.endpoint, "HF_TOKEN": "hf_quickstart", "HF_HUB_DISABLE_XET": "1",
                    "HF_HOME": str(out / "hf_home")}

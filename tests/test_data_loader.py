@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import make_shards
+from support.datasets import make_shards
 from pipeline.data import DataError, TrainLoader, iter_split
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_fixtures import (CORRUPT_KEY, SMALL_KEY, cifar_image, make_cifar10_batches, make_image_folder,
+from support.datasets import (CORRUPT_KEY, SMALL_KEY, cifar_image, make_cifar10_batches, make_image_folder,
                            make_lsun_lmdb)
 from data_prep.__main__ import main
 from data_prep.shards import key_hash, prepare

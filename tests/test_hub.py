@@ -1,4 +1,4 @@
-"""Hub push / pull / diffusers interop against a real HTTP server (tests/hub_server.py) with the
+"""Hub push / pull / diffusers interop against a real HTTP server (scripts/hub_server.py) with the
 unmodified huggingface_hub client (plain LFS: Xet disabled)."""
 
 from __future__ import annotations
@@ -13,37 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import HubServer  # noqa: E402
-
-from pipeline.config import Recipe, save_recipe  # noqa: E402
-from pipeline.hub import LoadError, PushError, load_pretrained, load_state_dict, push_to_hub  # noqa: E402
+from pipeline import build
+from pipeline.config import Recipe, save_recipe
+from pipeline.hub import LoadError, PushError, load_pretrained, load_state_dict, push_to_hub
+from scripts.hub_server import HubServer
+from support.hub import TOKEN, fresh_cache, hub  # noqa: F401  (hub is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "hf_test_token"
 TINY = {"resolution": 8, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0}
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A server on 127.0.0.1:<free port>; the in-process client pointed at it, with a fresh cache."""
-    from huggingface_hub import constants
-
-    with HubServer(tokens={TOKEN: "alice", "hf_bob": "bob"}, orgs={"alice": ["ddpm-org"]}) as srv:
-        monkeypatch.setattr(constants, "ENDPOINT", srv.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            srv.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
-        yield srv
-
-
-def fresh_cache(monkeypatch, tmp_path, name):
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / name))
 
 
 def make_run(root: Path, seed: int = 0, step: int = 40, results: bool = True) -> Path:
@@ -52,7 +29,7 @@ def make_run(root: Path, seed: int = 0, step: int = 40, results: bool = True) ->
                                "data": {"shards": "data/cifar10"}, "train": {"max_steps": 100},
                                "run": {"name": "cifar10-tiny", "output_dir": str(root)}})
     torch.manual_seed(seed)
-    model = recipe.model.build()
+    model = build.unet(recipe.model)
     with torch.no_grad():  # conv_out starts at zero: perturb so outputs say something
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -479,7 +456,7 @@ def test_real_training_run_pushes_and_fine_tunes_from_the_hub(hub, tmp_path):
     (train.init_from) and, with a negligible lr, holds the pushed EMA weights."""
     import subprocess as sp
 
-    from train_helpers import make_tiny_shards, train_cmd, write_recipe
+    from support.training import make_tiny_shards, train_cmd, write_recipe
 
     shards = make_tiny_shards(tmp_path / "shards")
     r1 = write_recipe(tmp_path / "r1.yaml", shards, tmp_path / "run1",

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 from pathlib import Path
-
 import httpx2
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hub_server import git_blob_oid  # noqa: E402
-from test_hub import TOKEN, fresh_cache, hub  # noqa: E402,F401  (the fixture)
+from scripts.hub_server import git_blob_oid
+from support.hub import TOKEN, fresh_cache, hub  # noqa: F401  (hub is a fixture)
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 

@@ -1,21 +1,17 @@
 """The quickstart chain end to end (slow): data_prep -> 2-process training -> eval -> Hub -> back."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
 pytestmark = pytest.mark.slow
 
 
 def test_quickstart_chain(tmp_path):
-    from quickstart import quickstart
+    from scripts.quickstart import quickstart
 
     # 200 steps: the first sample grid (train.sample_every) and an NLL well under 8 bits/dim.
     s = quickstart(tmp_path / "qs", steps=200, images=300, samples=16, nll_images=16)

@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import checkpoint as ck
 from pipeline.trainer import EXIT_REQUEUE, KILL_IN_SAVE_ENV
-from train_helpers import (assert_bitwise_equal, assert_same_trajectory, make_tiny_shards, run_train, train_cmd, weights,
+from support.training import (assert_bitwise_equal, assert_same_trajectory, make_tiny_shards, run_train, train_cmd, weights,
                            write_recipe)
 
 pytestmark = pytest.mark.slow

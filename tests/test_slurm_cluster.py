@@ -52,8 +52,7 @@ def slurm_env():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from data_fixtures import make_shards
+    from support.datasets import make_shards
 
     d = tmp_path_factory.mktemp("slurm")
     make_shards(d / "shards", n_train=32, n_test=4)

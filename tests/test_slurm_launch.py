@@ -216,7 +216,7 @@ def test_bad_environment_is_reported(change, message):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from data_fixtures import make_shards
+    from support.datasets import make_shards
 
     return make_shards(tmp_path_factory.mktemp("slurm-cli") / "shards", n_train=8, n_test=2)
 

@@ -11,12 +11,13 @@ import subprocess
 import pytest
 import torch
 
+from pipeline import build
 from pipeline import checkpoint as ck
 from pipeline.config import RecipeError, load_recipe
 from pipeline.ema import EMA
-from pipeline.trainer import (EXIT_OK, Fault, NonFiniteLossError, batch_layout, draw_t_and_noise,
-                              learning_rate, train)
-from train_helpers import PY, ROOT, make_tiny_shards, weights, write_recipe
+from pipeline.diffusion import draw_t_and_noise
+from pipeline.trainer import EXIT_OK, Fault, NonFiniteLossError, batch_layout, learning_rate, train
+from support.training import PY, ROOT, make_tiny_shards, weights, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +303,7 @@ def test_mixed_precision_steps_follow_fp32(tmp_path, shards, fresh_accelerate, p
     got, want = weights(c), weights(ck.latest_checkpoint(ref))
     recipe = load_recipe(c / "config.yaml")
     set_seed(recipe.train.seed)
-    init = recipe.model.build().state_dict()
+    init = build.unet(recipe.model).state_dict()
     assert all(torch.isfinite(v).all() for v in got.values())
     to_ref = sum((got[k] - want[k]).square().sum().item() for k in got)
     to_init = sum((got[k] - init[k]).square().sum().item() for k in got)

@@ -14,7 +14,7 @@ import torch
 
 from pipeline import checkpoint as ck
 from pipeline.hardware import precision_problem
-from train_helpers import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
+from support.training import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
 
 pytestmark = pytest.mark.slow
 STEPS = 4

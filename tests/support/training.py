@@ -10,14 +10,16 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.datasets import make_shards
+from support.model import TINY_UNET
+
+ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ACCELERATE = str(Path(PY).with_name("accelerate"))
 
 # Tiny and fast on 2 loaded CPU cores: 16x16 images, ch 32, one res block per level.
 TINY_RECIPE = {
-    "model": {"resolution": 16, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
-              "attn_resolutions": [8], "dropout": 0.1},
+    "model": {**{k: list(v) if isinstance(v, tuple) else v for k, v in TINY_UNET.items()}, "dropout": 0.1},
     "diffusion": {"timesteps": 100},
     "data": {"shards": "", "num_workers": 0, "random_flip": True},
     "train": {"global_batch_size": 4, "max_steps": 8, "lr": 1.0e-3, "warmup_steps": 3,
@@ -28,9 +30,6 @@ TINY_RECIPE = {
 
 
 def make_tiny_shards(out: Path, n_train: int = 24) -> Path:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from data_fixtures import make_shards
-
     if not (out / "manifest.json").is_file():
         make_shards(out, n_train=n_train, n_test=4, resolution=16, shard_size=7)
     return out
