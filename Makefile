@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test test-fast clean-quickstart
+.PHONY: install quickstart lint test test-fast clean-quickstart
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 # The whole chain on a small real image set on CPU: data_prep -> 2-process training -> eval -> Hub -> back.
 quickstart: install
 	$(PY) -m scripts.quickstart
+
+# pyflakes, import order, unused code (configured in pyproject.toml).
+lint: install
+	$(VENV)/bin/ruff check .
 
 # Everything, slow multi-process and end-to-end tests included (what CI runs).
 test: install

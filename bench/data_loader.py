@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.preprocess import center_crop_resize  # noqa: E402
-from data_prep.shards import prepare  # noqa: E402
-from data_prep.sources import FolderSource  # noqa: E402
-from pipeline.data import TrainLoader  # noqa: E402
+from data_prep.preprocess import center_crop_resize
+from data_prep.shards import prepare
+from data_prep.sources import FolderSource
+from pipeline.data import TrainLoader
 
 PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
           "hubble_deep_field.jpg", "ihc.png"]

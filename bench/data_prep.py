@@ -26,10 +26,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_loader import load_photos  # noqa: E402
-from data_prep.preprocess import center_crop_resize  # noqa: E402
-from data_prep.shards import prepare  # noqa: E402
-from data_prep.sources import LsunSource  # noqa: E402
+from data_loader import load_photos
+
+from data_prep.preprocess import center_crop_resize
+from data_prep.shards import prepare
+from data_prep.sources import LsunSource
 
 
 def make_lsun_like(path: Path, n: int, seed: int = 0) -> float:

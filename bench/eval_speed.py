@@ -44,9 +44,9 @@ def main() -> None:
 
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from pipeline.rng import eval_generators as generators
     from pipeline import convert
     from pipeline.config import load_recipe
+    from pipeline.rng import eval_generators as generators
 
     recipe = load_recipe(args.recipe, [f"diffusion.timesteps={args.timesteps}"])
     torch.manual_seed(0)

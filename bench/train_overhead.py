@@ -25,11 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import checkpoint as ck  # noqa: E402
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule  # noqa: E402
-from pipeline.ema import EMA  # noqa: E402
-from pipeline.diffusion import draw_t_and_noise  # noqa: E402
-from pipeline.unet import UNet, build_unet  # noqa: E402
+from pipeline import checkpoint as ck
+from pipeline.diffusion import (
+    GaussianDiffusion,
+    draw_t_and_noise,
+    linear_beta_schedule,
+)
+from pipeline.ema import EMA
+from pipeline.unet import UNet, build_unet
 
 
 def best_pair(a, b, repeat):

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.convert import diffusers_config, to_diffusers  # noqa: E402
-from pipeline.unet import PRESETS, UNet  # noqa: E402
+from pipeline.convert import diffusers_config, to_diffusers
+from pipeline.unet import PRESETS, UNet
 
 # Training FLOPs per image (forward + backward = 3x forward) for the 256px models: 1.49 TFLOP.
 TRAIN_FLOPS = {"lsun256": 1.49e12, "celebahq256": 1.49e12}
@@ -117,7 +117,7 @@ def main(argv=None):
     cpu_ratios = [a / b for a, b in zip(cpu["ours"], cpu["diffusers"])]
 
     nparams = sum(p.numel() for p in ours.parameters())
-    fmt = lambda cl: "NHWC" if cl else "NCHW"  # noqa: E731
+    fmt = lambda cl: "NHWC" if cl else "NCHW"
     print(f"U-Net training step: preset {args.preset} (ch={kwargs['ch']}, {nparams / 1e6:.2f}M params), "
           f"batch {args.batch}, {args.dtype}, device {args.device}"
           + (f", {args.threads} threads" if args.device == "cpu" else "")

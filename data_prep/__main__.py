@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data_prep: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"data_prep: interrupted; completed shards are kept, run the same command again to finish",
+        print("data_prep: interrupted; completed shards are kept, run the same command again to finish",
               file=sys.stderr)
         return 130
     sp = m["splits"]

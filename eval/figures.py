@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.rng import eval_generators
 from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, to_uint8
 from eval.results import weights_sha256, write_result
 from eval.sample import save_grid
+from pipeline.rng import eval_generators
 
 
 def _write_json(path: Path, data: dict) -> None:

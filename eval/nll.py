@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.rng import eval_generators
 from eval.common import EvalError, Precision, accelerator, add_model_args, load_model
 from eval.results import weights_sha256, write_result
+from pipeline.rng import eval_generators
 
 
 def iter_float(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import build
-from pipeline.rng import eval_generators
 from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, to_uint8
 from eval.results import BEYOND_PAPER, weights_sha256
+from pipeline import build
+from pipeline.rng import eval_generators
 
 CHUNK_RE = "chunk-{:06d}.npz"
 

@@ -236,7 +236,7 @@ class _Batches(torch.utils.data.Dataset):
                 imgs.append(x)
             except DataError:
                 raise
-            except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and reported
+            except Exception as e:
                 imgs.append(None)
                 bad.append((path, self.shards.key(i), f"{type(e).__name__}: {e}"))
         good = [k for k, x in enumerate(imgs) if x is not None]
@@ -416,7 +416,7 @@ def iter_split(source, split: str = "test", batch_size: int = 64, rank: int = 0,
             path, ext, data = shards.read(i)
             try:
                 imgs.append(decode_sample(ext, data))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 raise DataError(f"{path}: corrupt sample {shards.key(i)} ({type(e).__name__}: {e})") from None
             if with_keys:
                 keys.append(shards.key(i))

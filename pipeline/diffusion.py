@@ -17,6 +17,7 @@ import torch
 
 from pipeline import sampling
 from pipeline.rng import STREAM_DIFFUSION, Generator, randn_like_batch, stream_generators
+
 MEAN_TYPES = ("eps", "x0", "mu")
 VAR_TYPES = ("fixed_small", "fixed_large")
 LOSS_TYPES = ("simple", "vlb", "mu_mse")

@@ -554,7 +554,7 @@ def commit_with_retries(api, repo_id: str, operations: list, *, message: str, re
         try:
             return api.create_commit(repo_id, operations, commit_message=message, commit_description=description,
                                      revision=revision, parent_commit=parent)
-        except Exception as e:  # noqa: BLE001 - sorted below
+        except Exception as e:
             conflict = isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in (409, 412)
             if not (_is_transient(e) or (conflict and attempt > 0)) or attempt == max_retries:
                 raise

@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.trainer import EXIT_OK, EXIT_REQUEUE  # noqa: E402
+from pipeline.trainer import EXIT_OK, EXIT_REQUEUE
 
 __all__ = ["EXIT_OK", "EXIT_REQUEUE", "main", "parse_args"]
 

@@ -7,6 +7,9 @@ import torch
 from support.model import tiny_unet as _tiny_unet
 from support.oracle import EpsOracle, on_8bit_grid
 
+# The `hub` fixture: a real Hub server on localhost for the Hub tests.
+pytest_plugins = ["support.hub"]
+
 
 @pytest.fixture
 def tiny_unet():

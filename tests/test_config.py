@@ -1,7 +1,5 @@
 """Recipes: typed, validated at load, errors that name the file, key and closest valid key."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from pipeline.convert import (diffusers_config, from_diffusers, to_diffusers,
-                              unet_kwargs_from_diffusers)
+from pipeline.convert import diffusers_config, from_diffusers, to_diffusers, unet_kwargs_from_diffusers
 from pipeline.unet import PRESETS, UNet
 
 diffusers = pytest.importorskip("diffusers")

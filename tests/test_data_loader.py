@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from support.datasets import make_shards
 from pipeline.data import DataError, TrainLoader, iter_split
+from support.datasets import make_shards
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.datasets import (CORRUPT_KEY, SMALL_KEY, cifar_image, make_cifar10_batches, make_image_folder,
-                           make_lsun_lmdb)
 from data_prep.__main__ import main
 from data_prep.shards import key_hash, prepare
 from data_prep.sources import Cifar10Source, FolderSource, LsunSource, PrepError
+from support.datasets import CORRUPT_KEY, SMALL_KEY, cifar_image, make_cifar10_batches, make_image_folder, make_lsun_lmdb
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.diffusion import (GaussianDiffusion, discretized_gaussian_log_likelihood,
-                                linear_beta_schedule)
+from pipeline.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, linear_beta_schedule
 
 T = 1000
 
@@ -59,7 +58,7 @@ def test_q_posterior_matches_gaussian_conditioning_of_the_joint():
     x0 = torch.rand(len(t), 3, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
     xt = torch.randn(len(t), 3, 4, 4, generator=g, dtype=torch.float64)
     mean, var, log_var = d.q_posterior(x0, xt, t)
-    s = lambda a: a[t].reshape(-1, 1, 1, 1)  # noqa: E731
+    s = lambda a: a[t].reshape(-1, 1, 1, 1)
     # x_{t-1} = sqrt(abar_{t-1}) x0 + N(0, 1 - abar_{t-1}); x_t = sqrt(alpha_t) x_{t-1} + N(0, beta_t)
     var_prev = 1 - s(acp_prev)
     cov = (1 - s(betas)).sqrt() * var_prev

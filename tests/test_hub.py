@@ -17,7 +17,7 @@ from pipeline import build
 from pipeline.config import Recipe, save_recipe
 from pipeline.hub import LoadError, PushError, load_pretrained, load_state_dict, push_to_hub
 from scripts.hub_server import HubServer
-from support.hub import TOKEN, fresh_cache, hub  # noqa: F401  (hub is a fixture)
+from support.hub import TOKEN, fresh_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"resolution": 8, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+
 import httpx2
 import pytest
 
 from scripts.hub_server import git_blob_oid
-from support.hub import TOKEN, fresh_cache, hub  # noqa: F401  (hub is a fixture)
+from support.hub import TOKEN, fresh_cache
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 

@@ -16,8 +16,15 @@ import pytest
 
 from pipeline import checkpoint as ck
 from pipeline.trainer import EXIT_REQUEUE, KILL_IN_SAVE_ENV
-from support.training import (assert_bitwise_equal, assert_same_trajectory, make_tiny_shards, run_train, train_cmd, weights,
-                           write_recipe)
+from support.training import (
+    assert_bitwise_equal,
+    assert_same_trajectory,
+    make_tiny_shards,
+    run_train,
+    train_cmd,
+    weights,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 8

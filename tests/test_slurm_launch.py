@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from submitit.slurm.slurm import _parse_node_list  # an independent parser, as a reference
 
+from slurm.job import descendants, interruption_kind, read_requeues, record_requeue, signal_tree
 from slurm.launch import (
     NodeLaunch,
     SlurmEnvError,
@@ -26,8 +27,8 @@ from slurm.launch import (
     node_launch_from_env,
     port_for_job,
 )
-from slurm.job import descendants, interruption_kind, read_requeues, record_requeue, signal_tree
-from slurm.submit import SubmitError, main as submit_main, parse_time
+from slurm.submit import SubmitError, parse_time
+from slurm.submit import main as submit_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import torch
 from pipeline import build
 from pipeline import checkpoint as ck
 from pipeline.config import RecipeError, load_recipe
-from pipeline.ema import EMA
 from pipeline.diffusion import draw_t_and_noise
+from pipeline.ema import EMA
 from pipeline.trainer import EXIT_OK, Fault, NonFiniteLossError, batch_layout, learning_rate, train
 from support.training import PY, ROOT, make_tiny_shards, weights, write_recipe
 

@@ -22,8 +22,8 @@ STEPS = 4
 
 def ema_digest(ckpt) -> str:
     """EMA.digest() of the saved ema.safetensors (same name order: the model's parameters)."""
-    from pipeline.unet import UNet
     from pipeline.config import load_recipe
+    from pipeline.unet import UNet
 
     names = [n for n, _ in UNet(**load_recipe(ckpt / "config.yaml").model.unet_kwargs()).named_parameters()]
     ema = weights(ckpt, "ema.safetensors")
