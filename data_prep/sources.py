@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif"}
 CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR_TEST = "test_batch"
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """A user error (bad path, wrong layout): the CLI prints it on one line and exits 2."""
 
 

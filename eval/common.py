@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
 
-class EvalError(ValueError):
+
+class EvalError(UserError, ValueError):
     """Bad input to an evaluation: the CLI prints the one-line message and exits 2."""
 
 

@@ -23,11 +23,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
+
 ENV_VAR = "DDPM_INCEPTION_WEIGHTS"
 CONVERTED_NAME = "inception-fid-helper-0.1.3-torch-fidelity.pth"
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError, ValueError):
     """No usable Inception weights; the message says what to do."""
 
 

@@ -28,11 +28,13 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
+
 SCHEMA = 1
 BEYOND_PAPER = "beyond the paper (DDIM, Song et al. 2021); not comparable to the paper's numbers"
 
 
-class ResultsError(ValueError):
+class ResultsError(UserError, ValueError):
     pass
 
 

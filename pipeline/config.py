@@ -19,10 +19,11 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.errors import UserError
 from pipeline.presets import PRESETS
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot run. Entry points print the message and exit 2."""
 
 

@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.errors import UserError
+
 __all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample", "DECODERS"]
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Bad shard source, or too many corrupt samples."""
 
 

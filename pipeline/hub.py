@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from pipeline import build
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class LoadError(ValueError):
+class LoadError(UserError, ValueError):
     """A model source that cannot be loaded; the message names the file or repo."""
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """A push that cannot start (token, input) or that failed after its retries."""
 
 

@@ -34,6 +34,7 @@ from pipeline import checkpoint as ckpt_io
 from pipeline.config import Recipe, RecipeError, save_recipe
 from pipeline.diffusion import draw_t_and_noise
 from pipeline.ema import EMA
+from pipeline.errors import UserError
 from pipeline.hardware import precision_problem
 from pipeline.rng import STREAM_DROPOUT, STREAM_SAMPLE_GRID, mix_seed, stream_generators
 
@@ -45,7 +46,7 @@ KILL_IN_SAVE_ENV = "DDPM_PIPELINE_TEST_KILL_IN_SAVE"  # tests only: SIGKILL insi
 TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "ddpm-pipeline" / "torch_extensions"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Too many non-finite losses in a row: the run is diverging."""
 
 

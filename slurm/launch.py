@@ -23,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from pipeline.errors import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = PROJECT_ROOT / "pipeline" / "train.py"
 # Ports below Linux's ephemeral range (32768-60999), so an outgoing connection never holds ours.
 PORT_BASE, PORT_SPAN = 12000, 20000
 
 
-class SlurmEnvError(ValueError):
+class SlurmEnvError(UserError, ValueError):
     """The `SLURM_*` variables do not describe a usable allocation."""
 
 

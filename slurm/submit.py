@@ -23,12 +23,13 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.errors import UserError
 from slurm.launch import PROJECT_ROOT, NodeLaunch, format_command, launch_command
 
 EXIT_USAGE = 2
 
 
-class SubmitError(Exception):
+class SubmitError(UserError):
     """A problem the user must fix; printed as one line, exit code 2."""
 
 
