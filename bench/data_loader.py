@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the project root
 from data_prep.preprocess import center_crop_resize
 from data_prep.shards import prepare
 from data_prep.sources import FolderSource
@@ -34,7 +34,7 @@ PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycl
 
 def load_photos() -> list[Image.Image]:
     """The colour photographs inside scikit-image's data folder (no download)."""
-    import skimage
+    import skimage  # here: scikit-image is in the test extra, and only the inputs need it
 
     folder = Path(skimage.__file__).parent / "data"
     return [Image.open(folder / name).convert("RGB") for name in PHOTOS]
@@ -54,6 +54,7 @@ def make_originals(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def peer_loader(folder: Path, batch: int, res: int):
+    # Here: torchvision takes seconds to import, and only the peer needs it.
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
@@ -63,7 +64,7 @@ def peer_loader(folder: Path, batch: int, res: int):
     return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=0, drop_last=True)
 
 
-def rate(make_iter, n_images: int, batch: int, repeats: int) -> tuple[float, float]:
+def rate(make_iter, n_images: int, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` (images per CPU-second of this process, images per wall second).
     CPU time is what "per core" means on a machine shared with other jobs; wall time is shown too."""
     best_cpu = best_wall = 0.0
@@ -105,8 +106,7 @@ def main() -> None:
         make_originals(tmp / "orig", args.images)
         orig_kb = sum(f.stat().st_size for f in (tmp / "orig" / "all").iterdir()) / args.images / 1024
         n = args.images
-        peer = rate(lambda: endless(peer_loader(tmp / "orig", args.batch, args.resolution)), n, args.batch,
-                    args.repeats)
+        peer = rate(lambda: endless(peer_loader(tmp / "orig", args.batch, args.resolution)), n, args.repeats)
         rows = [("peer: ImageFolder + PIL, 512x384 JPEG + crop/resize", orig_kb, peer)]
         for name, kw, decoder, dtype in variants:
             out = tmp / name.split()[0] / str(kw.get("png_level", kw.get("quality", "")))
@@ -116,7 +116,7 @@ def main() -> None:
             kb = sum(f.stat().st_size for f in out.glob("train-*.tar")) / n / 1024
             r = rate(lambda: TrainLoader(out, batch_size=args.batch, seed=0, num_workers=0, decoder=decoder,
                                          dtype=dtype),
-                     n, args.batch, args.repeats)
+                     n, args.repeats)
             rows.append((f"ours: {name}", kb, r))
     print(f"loader img/s per core, {args.resolution}x{args.resolution}, batch {args.batch}, {n} images, "
           f"best of {args.repeats}, torch {torch.__version__}, 1 thread")

@@ -16,17 +16,16 @@ import argparse
 import hashlib
 import io
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import lmdb
 import numpy as np
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/data_loader.py, a sibling: run as a script, this file's folder is first on sys.path.
 from data_loader import load_photos
+from PIL import Image
 
 from data_prep.preprocess import center_crop_resize
 from data_prep.shards import prepare
@@ -35,8 +34,6 @@ from data_prep.sources import LsunSource
 
 def make_lsun_like(path: Path, n: int, seed: int = 0) -> float:
     """n WebP (q80) values, short side 256, long side 256..384; returns mean KiB per value."""
-    import lmdb
-
     photos = load_photos()
     rng = np.random.default_rng(seed)
     total = 0
@@ -58,8 +55,6 @@ def make_lsun_like(path: Path, n: int, seed: int = 0) -> float:
 
 
 def peer(lmdb_path: Path, out: Path, res: int = 256) -> int:
-    import lmdb
-
     out.mkdir(parents=True)
     n = 0
     with lmdb.open(str(lmdb_path), readonly=True, lock=False) as env, env.begin() as txn:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline import build
+from pipeline import build, convert
+from pipeline.config import load_recipe
+from pipeline.rng import eval_generators
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,11 +44,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    # diffusers is a test/bench-only dependency and slow to import: only a real run pays for it.
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    from pipeline import convert
-    from pipeline.config import load_recipe
-    from pipeline.rng import eval_generators as generators
 
     recipe = load_recipe(args.recipe, [f"diffusion.timesteps={args.timesteps}"])
     torch.manual_seed(0)
@@ -64,7 +63,7 @@ def main() -> None:
     pipe = DDPMPipeline(unet=unet, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
-        ours = timed(lambda: d.p_sample_loop(model, (B, 3, res, res), generator=generators(0, range(B), "cpu")))
+        ours = timed(lambda: d.p_sample_loop(model, (B, 3, res, res), generator=eval_generators(0, range(B), "cpu")))
         theirs = timed(lambda: pipe(batch_size=B, num_inference_steps=T, output_type="np",
                                     generator=torch.Generator().manual_seed(0)))
     # ---- NLL: calc_bpd with time-step chunks vs one step per model call

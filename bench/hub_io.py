@@ -19,11 +19,17 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from pipeline import build
+from pipeline.config import Recipe, save_recipe
+from pipeline.hub import load_pretrained
+from pipeline.weights import load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: scripts.hub_server is not installed
+
+from scripts.hub_server import HubServer
 
 
 def best(fn, repeat):
@@ -40,16 +46,13 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hub-bench-"))
-    from scripts.hub_server import HubServer
-
     srv = HubServer().start()
     os.environ.update(HF_TOKEN="hf_test_token", HF_HUB_DISABLE_XET="1", HF_ENDPOINT=srv.endpoint,
                       HF_HOME=str(tmp / "hf"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    # Only now: huggingface_hub reads HF_ENDPOINT and HF_HOME when it is imported.
     from huggingface_hub import constants
-    from safetensors.torch import save_file
 
-    from pipeline.config import Recipe, save_recipe
-    from pipeline.hub import load_pretrained, push_to_hub
+    from eval.hub_push import push_to_hub
 
     recipe = Recipe.from_dict({"model": {"preset": "cifar10"}, "run": {"name": "cifar10"}})
     model = build.unet(recipe.model)
@@ -58,13 +61,12 @@ def main() -> None:
     save_recipe(recipe, ckpt / "config.yaml")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(ckpt / "ema.safetensors"))
+    (ckpt / "trainer_state.json").write_text('{"step": 1}')  # written last: it makes the checkpoint complete
     (tmp / "run" / "checkpoints" / "latest").write_text(ckpt.name)
     binf = tmp / "bin" / "ema.bin"
     binf.parent.mkdir()
     torch.save(state, binf)
     size_mb = (ckpt / "ema.safetensors").stat().st_size / 2**20
-
-    from pipeline.hub import load_state_dict
 
     rows = []
     t_st = best(lambda: load_state_dict(ckpt / "ema.safetensors"), args.repeat)

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a script: the project root
 
+from pipeline import atomic
 from pipeline import checkpoint as ck
 from pipeline.diffusion import (
     GaussianDiffusion,
@@ -97,14 +99,12 @@ def main() -> None:
                  *best_pair(ours, bare, args.repeat)))
 
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    from safetensors.torch import save_file
-
     def save_ours():
         d = ck.begin(tmp / "run", 1)
         torch.save(opt.state_dict(), d / "optimizer.bin")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
         save_file(ema.state_dict(), str(d / "ema.safetensors"))
-        ck.write_json_atomic(d / ck.STATE_FILE, {"step": 1})
+        atomic.write_json(d / ck.STATE_FILE, {"step": 1})
         ck.commit(tmp / "run", d, 1, keep=1)
 
     def save_plain():

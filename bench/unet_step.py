@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.convert import diffusers_config, to_diffusers
-from pipeline.unet import PRESETS, UNet
+from pipeline.presets import PRESETS
+from pipeline.unet import UNet
 
 # Training FLOPs per image (forward + backward = 3x forward) for the 256px models: 1.49 TFLOP.
 TRAIN_FLOPS = {"lsun256": 1.49e12, "celebahq256": 1.49e12}
@@ -50,7 +47,7 @@ def parse_args(argv=None):
 
 
 def make_models(args):
-    import diffusers  # test/bench-only dependency
+    import diffusers  # a test/bench-only dependency, and slow to import: not for `--help`
 
     kwargs = dict(PRESETS[args.preset])
     if args.ch:

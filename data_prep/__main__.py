@@ -14,6 +14,7 @@ import sys
 from data_prep.preprocess import DEFAULT_FORMAT, FORMATS, PNG_LEVEL
 from data_prep.shards import prepare
 from data_prep.sources import PrepError, open_source
+from pipeline.errors import run_cli
 
 EPILOG = """examples:
   python -m data_prep lsun --lmdb lsun/bedroom_train_lmdb --out data/lsun_bedroom --workers 16
@@ -56,34 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    for name, v, lo in (("--resolution", args.resolution, 1), ("--shard-size", args.shard_size, 1),
+                        ("--workers", args.workers, 1), ("--limit", args.limit, 1),
+                        ("--test-count", getattr(args, "test_count", None), 0)):
+        if v is not None and v < lo:
+            raise PrepError(f"{name} must be >= {lo}, got {v}")
+    if not 0 <= args.png_level <= 9:
+        raise PrepError(f"--png-level must be in 0..9, got {args.png_level}")
+    if not 1 <= args.quality <= 100:
+        raise PrepError(f"--quality must be in 1..100, got {args.quality}")
+    frac = getattr(args, "test_fraction", 0.0)
+    if not 0.0 <= frac < 1.0:
+        raise PrepError(f"--test-fraction must be in [0, 1), got {frac}")
     try:
-        for name, v, lo in (("--resolution", args.resolution, 1), ("--shard-size", args.shard_size, 1),
-                            ("--workers", args.workers, 1), ("--limit", args.limit, 1),
-                            ("--test-count", getattr(args, "test_count", None), 0)):
-            if v is not None and v < lo:
-                raise PrepError(f"{name} must be >= {lo}, got {v}")
-        if not 0 <= args.png_level <= 9:
-            raise PrepError(f"--png-level must be in 0..9, got {args.png_level}")
-        if not 1 <= args.quality <= 100:
-            raise PrepError(f"--quality must be in 1..100, got {args.quality}")
-        frac = getattr(args, "test_fraction", 0.0)
-        if not 0.0 <= frac < 1.0:
-            raise PrepError(f"--test-fraction must be in [0, 1), got {frac}")
         source = open_source(args.kind, args.src)
         m = prepare(source, args.out, resolution=args.resolution, fmt=args.format, quality=args.quality,
                     allow_upscale=args.allow_upscale, png_level=args.png_level, test_count=getattr(args, "test_count", None),
                     test_fraction=frac, shard_size=args.shard_size, workers=args.workers,
                     limit=args.limit, command=["python", "-m", "data_prep", *argv],
                     progress=not args.no_progress)
-    except PrepError as e:
-        print(f"data_prep: error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # unwritable --out, a file where a folder should be, disk full, ...
-        print(f"data_prep: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        raise PrepError(f"{e.filename or ''}: {e.strerror or e}") from None
     except KeyboardInterrupt:
         print("data_prep: interrupted; completed shards are kept, run the same command again to finish",
               file=sys.stderr)
@@ -92,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.out}: train {sp['train']['count']} ({len(sp['train']['shards'])} shards), "
           f"test {sp['test']['count']} ({len(sp['test']['shards'])} shards), skipped {len(m['skipped'])}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ from a hash of each key (or from the source, for CIFAR-10) and each split is cut
 shards of `shard_size` inputs in source order. Workers only decode and encode; the main
 process writes the shards in plan order, so the output bytes do not depend on `--workers`.
 
-Crash safety: a shard is written to `.NAME.tmp`, renamed into place, then its record
-`.prep/NAME.json` (count, skipped inputs) is written atomically. On a re-run, a shard with a
-record is complete and kept; anything else is rewritten. manifest.json is written last.
+Crash safety: a shard is written beside its final name and renamed into place when whole
+(pipeline.atomic), then its record `.prep/NAME.json` (count, skipped inputs) is written the
+same way. On a re-run, a shard with a record is complete and kept; anything else is rewritten,
+and the temporary files of a killed run are removed. manifest.json is written last.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import hashlib
 import io
 import json
 import multiprocessing as mp
-import os
 import re
 import sys
 import tarfile
@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from data_prep.preprocess import DEFAULT_FORMAT, PNG_LEVEL, TooSmall, center_crop_resize, encode, process_bytes
 from data_prep.sources import PrepError
+from pipeline.atomic import atomic_path, write_json
 
 TOOL = "ddpm-pipeline data_prep 1"
 SPLITS = ("train", "test")
@@ -71,13 +73,16 @@ def plan_digest(plan, options: dict) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def write_record(path: Path, obj) -> None:
+    """plan.json, a shard's record, manifest.json: fsynced, since each one vouches for finished work."""
+    write_json(path, obj, fsync=True, indent=1)
+
+
+def remove_partial_files(out: Path) -> None:
+    """Delete what a killed run left half-written (pipeline.atomic's `.NAME.tmp-PID...` files)."""
+    for d in (out, out / ".prep"):
+        for f in d.glob(".*.tmp-*"):
+            f.unlink(missing_ok=True)
 
 
 # -- workers -----------------------------------------------------------------------------------
@@ -114,15 +119,10 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 def write_shard(path: Path, samples) -> int:
-    """Write [(key, ext, bytes)] to `path` atomically (tmp + fsync + rename); returns its size."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for key, ext, data in samples:
-                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write [(key, ext, bytes)] to `path` atomically (fsynced, renamed when whole); returns its size."""
+    with atomic_path(path, fsync=True) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, ext, data in samples:
+            tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
     return path.stat().st_size
 
 
@@ -167,7 +167,8 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
                   file=sys.stderr)
         return done
     (out / ".prep").mkdir(exist_ok=True)
-    write_json_atomic(out / ".prep" / "plan.json", {**describe, "plan_digest": digest})
+    remove_partial_files(out)
+    write_record(out / ".prep" / "plan.json", {**describe, "plan_digest": digest})
 
     def record(name):
         r = out / ".prep" / f"{name}.json"
@@ -188,8 +189,6 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
     else:
         _init_worker(*init)
         results = map(_work, tasks)
-    from tqdm import tqdm
-
     bar = tqdm(total=total, unit="img", desc=f"data_prep {source.kind}", disable=not progress or not total)
     ext = {"png": "png", "jpg": "jpg", "npy": "npy"}[fmt]
     try:
@@ -203,9 +202,8 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
                 else:
                     samples.append((key, ext, data))
             size = write_shard(out / name, samples)
-            write_json_atomic(out / ".prep" / f"{name}.json",
-                              {"name": name, "split": split, "count": len(samples), "bytes": size,
-                               "skipped": skipped})
+            write_record(out / ".prep" / f"{name}.json",
+                         {"name": name, "split": split, "count": len(samples), "bytes": size, "skipped": skipped})
     finally:
         bar.close()
         if pool is not None:
@@ -225,5 +223,5 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
                    for s in SPLITS},
         "skipped": [sk for r in records for sk in r["skipped"]],
     }
-    write_json_atomic(out / "manifest.json", manifest)
+    write_record(out / "manifest.json", manifest)
     return manifest

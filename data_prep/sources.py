@@ -13,6 +13,7 @@ import pickle
 import re
 from pathlib import Path
 
+import lmdb
 import numpy as np
 
 from pipeline.errors import UserError
@@ -46,8 +47,6 @@ class LsunSource:
         self._pid = None
 
     def _open(self):
-        import lmdb
-
         if self._env is None or self._pid != os.getpid():  # one environment per process (fork-safe)
             try:
                 self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,

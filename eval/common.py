@@ -1,29 +1,33 @@
-"""What every eval subcommand shares: loading the model, processes, seeds, precision, errors."""
+"""What every eval subcommand shares: the model to evaluate, the one rule for its settings, the
+processes, autocast, the reference data's manifest and the image format of samples."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-from dataclasses import dataclass
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
+from pipeline.hub import Pretrained, load_pretrained
 
 
-class EvalError(UserError, ValueError):
+class EvalError(UserError):
     """Bad input to an evaluation: the CLI prints the one-line message and exits 2."""
 
 
-@dataclass
-class Loaded:
-    model: torch.nn.Module
-    diffusion: Any
-    recipe: Any
-    source: str
+def resolve(value: Any, recipe, key: str, default: Any = None) -> Any:
+    """The one rule for an eval setting: the command-line `value`, else the recipe's dotted `key`
+    (e.g. "eval.seed"), else `default`. None means "not given" at every level."""
+    if value is not None:
+        return value
+    section, _, name = key.partition(".")
+    value = getattr(getattr(recipe, section), name)
+    return default if value is None else value
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,13 +36,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--out", required=True, help="output directory (results.json is written here)")
     p.add_argument("--device", default=None, help="torch device; default: the process's accelerator device")
-    # Testing hook: `module:function`, called as function(src) -> Loaded-like object with
-    # .model, .diffusion, .recipe instead of load_pretrained. The NLL test feeds the analytic
-    # oracle of a one-image data set through the real CLI this way.
+    # Testing hook: `module:function`, called as function(src) -> a Pretrained (model, diffusion,
+    # recipe) instead of load_pretrained. The NLL test feeds the analytic oracle of a one-image
+    # data set through the real CLI this way.
     p.add_argument("--model-factory", default=None, help=argparse.SUPPRESS)
 
 
-def load_model(src: str, revision: str | None = None, factory: str | None = None) -> Loaded:
+def load_model(src: str, revision: str | None = None, factory: str | None = None) -> Pretrained:
+    """The model to evaluate (eval mode, no gradients); its source is recorded as the user named it."""
     if factory:
         mod_name, _, fn_name = factory.partition(":")
         try:
@@ -46,22 +51,19 @@ def load_model(src: str, revision: str | None = None, factory: str | None = None
         except (ImportError, AttributeError) as e:
             raise EvalError(f"--model-factory {factory}: cannot import ({e})") from None
         got = fn(src)
-        return Loaded(got.model, got.diffusion, got.recipe, str(src))
-    from pipeline.hub import load_pretrained
-
-    try:
-        got = load_pretrained(src, revision=revision)
-    except (FileNotFoundError, ValueError, KeyError) as e:  # hub.LoadError, RecipeError
-        msg = str(e).splitlines()[0] if str(e) else repr(e)
-        raise EvalError(msg if str(src) in msg else f"{src}: {msg}") from None
-    model = got.model.eval().requires_grad_(False)
-    return Loaded(model, got.diffusion, got.recipe, str(src))
+    else:
+        try:
+            got = load_pretrained(src, revision=revision)
+        except UserError as e:  # LoadError, or a RecipeError in the checkpoint's config.yaml
+            msg = one_line(e)
+            raise EvalError(msg if str(src) in msg else f"{src}: {msg}") from None
+    return Pretrained(got.model.eval().requires_grad_(False), got.diffusion, got.recipe, str(src))
 
 
 def accelerator():
     """The processes' Accelerator. Without a GPU it must be told `cpu=True`, or processes started
     by torchrun / `accelerate launch` would each believe they are alone (gloo over CPU)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # imported here: `python -m eval --help` stays fast
 
     return Accelerator(cpu=not torch.cuda.is_available())
 
@@ -82,14 +84,17 @@ class Precision(torch.nn.Module):
             return self.model(x, t).float()
 
 
+def manifest_path(shards: str | os.PathLike) -> Path:
+    """The manifest.json of a data_prep shard directory (or the manifest itself): its hash names
+    the reference data in every protocol."""
+    p = Path(shards)
+    m = p / "manifest.json" if p.is_dir() else p
+    if not m.is_file():
+        raise EvalError(f"{shards}: no manifest.json (the reference set is a data_prep shard directory)")
+    return m
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] float [B, C, H, W] -> uint8 [B, H, W, C], rounding as the original code does."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-@contextlib.contextmanager
-def no_grad_eval(model):
-    model.eval()
-    with torch.inference_mode():
-        yield

@@ -9,16 +9,27 @@ Feature extraction runs on the main process (cheap next to sampling); sampling i
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from eval.common import EvalError
+from eval.common import EvalError, manifest_path, resolve
 from eval.inception import InceptionWeightsError, cache_dir, has_logits, resolve_weights
+from eval.results import write_result
+from eval.sample import SampleChunks, add_sampling_args, sample_from_args
+from pipeline.atomic import atomic_path
+from pipeline.data import iter_split
+from pipeline.weights import file_sha256
+
+# torch_fidelity is imported where it is used: it takes seconds, and `python -m eval --help`
+# (which registers this subcommand) should not wait for it.
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-compatible InceptionV3
 
@@ -34,17 +45,6 @@ class ImageArray(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
-
-
-def sha256_file(path: str | os.PathLike, _cache: dict = {}) -> str:
-    key = (str(path), os.stat(path).st_mtime_ns, os.stat(path).st_size)
-    if key not in _cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
 
 
 def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str | None = None, device="cpu"):
@@ -70,8 +70,6 @@ def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str
 @torch.inference_mode()
 def features(images, extractor, batch_size: int = 64, device="cpu", progress: bool = True) -> np.ndarray:
     """Features of uint8 [n, H, W, 3] images (any indexable), float64 [n, d]."""
-    from tqdm import tqdm
-
     ds = images if isinstance(images, torch.utils.data.Dataset) else ImageArray(images)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0)
     out = []
@@ -94,18 +92,8 @@ def frechet_distance(s1: dict, s2: dict) -> float:
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
 
 
-def manifest_path(shards: str | os.PathLike) -> Path:
-    p = Path(shards)
-    m = p / "manifest.json" if p.is_dir() else p
-    if not m.is_file():
-        raise EvalError(f"{shards}: no manifest.json (the reference set is a data_prep shard directory)")
-    return m
-
-
 def iter_uint8(shards: str, split: str, batch_size: int, limit: int | None = None):
     """The split's images once each (the first `limit` in shard order), as uint8 [B, H, W, 3] batches."""
-    from pipeline.data import iter_split
-
     seen = 0
     for x in iter_split(shards, split, batch_size):  # uint8 [B, 3, H, W]
         if limit is not None:
@@ -123,7 +111,7 @@ def reference_statistics(shards: str, extractor, *, extractor_id: str, split: st
     computed once per manifest."""
     m = manifest_path(shards)
     cap = "" if limit is None else f"|first{limit}"
-    key = hashlib.sha256(f"{sha256_file(m)}|{split}|{extractor_id}{cap}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{file_sha256(m)}|{split}|{extractor_id}{cap}".encode()).hexdigest()[:24]
     path = Path(cache or cache_dir() / "fid-ref") / f"ref-{key}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -133,22 +121,19 @@ def reference_statistics(shards: str, extractor, *, extractor_id: str, split: st
         raise EvalError(f"{m}: the '{split}' split is empty")
     stats = statistics(np.concatenate(feats))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], n=stats["n"],
-             manifest=str(m), manifest_sha256=sha256_file(m), split=split, extractor=extractor_id)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], n=stats["n"],
+                 manifest=str(m), manifest_sha256=file_sha256(m), split=split, extractor=extractor_id)
     return stats, path, False
 
 
 def _tqdm_batches(shards, split, batch_size, limit):
-    from tqdm import tqdm
-
     yield from tqdm(iter_uint8(shards, split, batch_size, limit), desc=f"reference features ({split})",
                     unit="batch")
 
 
 def extractor_id(name: str, weights: str | None) -> str:
-    return f"{name}:{sha256_file(weights)[:16] if weights else 'torch-fidelity-download'}"
+    return f"{name}:{file_sha256(weights)[:16] if weights else 'torch-fidelity-download'}"
 
 
 def compute_fid(images, shards: str, *, name: str = INCEPTION, weights: str | None = None,
@@ -193,8 +178,6 @@ def compute_is(images, *, weights: str | None = None, batch_size: int = 64, spli
 
 def _register_extractor(spec: str) -> str:
     """`NAME=module:Class` registers a torch-fidelity feature extractor (tests); returns NAME."""
-    import importlib
-
     from torch_fidelity import register_feature_extractor
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
@@ -207,8 +190,6 @@ def _register_extractor(spec: str) -> str:
 
 
 def register(subparsers) -> None:
-    from eval.sample import add_sampling_args
-
     for cmd, what in (("fid", "FID against the training set"), ("is", "Inception Score")):
         p = subparsers.add_parser(
             cmd, help=f"{what} of the model's samples (samples drawn or resumed in OUT first)",
@@ -231,28 +212,17 @@ def register(subparsers) -> None:
                            "the count is recorded in the protocol, e.g. 50000 for LSUN's millions)")
             p.add_argument("--cache-dir", default=None, help="reference statistics cache "
                            "(default: $DDPM_CACHE/fid-ref or ~/.cache/ddpm-pipeline/fid-ref)")
-            p.add_argument("--feature-extractor", default=INCEPTION, help=argparse_suppress())
+            p.add_argument("--feature-extractor", default=INCEPTION, help=argparse.SUPPRESS)
         p.set_defaults(func=main, metric=cmd)
 
 
 def _at_least_2(text: str) -> int:
-    import argparse
-
     if not text.isdigit() or int(text) < 2:  # a covariance needs two images
         raise argparse.ArgumentTypeError(f"{text!r}: FID needs a whole number >= 2 of reference images")
     return int(text)
 
 
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
-
-
 def main(args) -> int:
-    from eval.results import write_result
-    from eval.sample import SampleChunks, sample_from_args
-
     # Resolve (and for IS load) the weights before sampling, so a missing file or an offline
     # machine fails in seconds, not after a day of sampling.
     weights = resolve_weights(args.inception_weights, need_logits=args.metric == "is")
@@ -269,7 +239,7 @@ def main(args) -> int:
     images = SampleChunks(args.out)  # streamed chunk by chunk
     if args.metric == "fid":
         name = _register_extractor(args.feature_extractor)
-        shards = args.reference or loaded.recipe.eval.fid_reference or loaded.recipe.data.shards
+        shards = resolve(args.reference, loaded.recipe, "eval.fid_reference", loaded.recipe.data.shards)
         if not shards:
             raise EvalError("no reference set: pass --reference SHARDS or set data.shards in the recipe")
         m = compute_fid(images, shards, name=name, weights=weights if name == INCEPTION else None,
@@ -278,7 +248,7 @@ def main(args) -> int:
         metrics = {"fid": m["fid"]}
         protocol = {**proto, "reference": str(shards), "reference_split": args.reference_split,
                     "reference_count": m["reference_count"],
-                    "reference_manifest_sha256": sha256_file(manifest_path(shards)),
+                    "reference_manifest_sha256": file_sha256(manifest_path(shards)),
                     "feature_extractor": m["extractor"], "metric_impl": "torch-fidelity"}
     else:
         m = compute_is(images, weights=weights, batch_size=args.feature_batch_size)

@@ -18,22 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, to_uint8
+from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, resolve, to_uint8
+from eval.nll import iter_float
 from eval.results import weights_sha256, write_result
 from eval.sample import save_grid
+from pipeline.atomic import atomic_path, write_json
+from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _savefig(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
 
 
 def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, seed: int = 0) -> dict:
@@ -61,9 +52,10 @@ def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, se
 
 
 def plot_rate_distortion(rd: dict, path: Path) -> None:
+    # matplotlib is imported here: it takes half a second, which `python -m eval --help` should not pay.
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display: draw to files only
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -76,7 +68,8 @@ def plot_rate_distortion(rd: dict, path: Path) -> None:
     ax[2].set(xlabel="Rate (bits/dim)", ylabel="Distortion (RMSE [0, 255])")
     fig.suptitle(f"Fig. 5: rate-distortion, {rd['num_images']} test images")
     fig.tight_layout()
-    _savefig(fig, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -85,7 +78,7 @@ def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, de
     want = set(int(t) for t in show_t)
     shots: dict[int, torch.Tensor] = {}
 
-    def grab(t, x_t, pred_x0):
+    def grab(t, _x_t, pred_x0):
         if t in want:
             shots[t] = pred_x0.detach().cpu()
 
@@ -105,16 +98,15 @@ def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 500, seed: in
     return np.concatenate([to_uint8(x_a)[:, None], mid, to_uint8(x_b)[:, None]], 1)
 
 
-def make_figures(loaded, shards: str, out: str | os.PathLike, *, split: str = "test", num_images: int = 8,
-                 t_batch: int = 10, seed: int = 0, n_progressive: int = 4, lambdas=None,
-                 interp_t: int = 500, which=("5", "6", "8"), device="cpu") -> dict:
-    from eval.nll import iter_float
-
+def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, split: str = "test",
+                 num_images: int = 8, t_batch: int = 10, seed: int = 0, precision: str = "no",
+                 n_progressive: int = 4, lambdas=None, interp_t: int = 500, which=("5", "6", "8"),
+                 device="cpu") -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     d = loaded.diffusion
     T = d.num_timesteps
-    model = Precision(loaded.model.to(device).eval(), "no", device)
+    model = Precision(loaded.model.to(device).eval(), precision, device)
     need = max(num_images, 2 * 2)
     xs, n = [], 0
     for x in iter_float(shards, split, need):
@@ -129,7 +121,7 @@ def make_figures(loaded, shards: str, out: str | os.PathLike, *, split: str = "t
     if "5" in which:
         rd = rate_distortion(d, model, x0[:num_images], t_batch=t_batch, seed=seed)
         plot_rate_distortion(rd, out / "fig5_rate_distortion.png")
-        _write_json(out / "fig5_rate_distortion.json", rd)
+        write_json(out / "fig5_rate_distortion.json", rd, indent=1)
         numbers["fig5"] = {"total_bpd": rd["total_bpd"], "rate_bpd_at_end": rd["rate_bpd"][-1],
                            "rmse_at_start": rd["rmse_0_255"][0], "rmse_before_last_step": rd["rmse_0_255"][-2]}
     if "6" in which:
@@ -138,8 +130,9 @@ def make_figures(loaded, shards: str, out: str | os.PathLike, *, split: str = "t
         show = sorted({int(round(v)) for v in np.linspace(T - 1, 0, 10)}, reverse=True)
         grid = progressive_generation(d, model, shape, show_t=show, seed=seed, device=device)
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig6_progressive.png", ncol=len(show))
-        _write_json(out / "fig6_progressive.json", {"t_shown_0based": show, "rows": n_progressive,
-                                                    "seed": seed, "what": "pred_x0 at each t (Algorithm 2)"})
+        write_json(out / "fig6_progressive.json", {"t_shown_0based": show, "rows": n_progressive,
+                                                   "seed": seed, "what": "pred_x0 at each t (Algorithm 2)"},
+                   indent=1)
         numbers["fig6"] = {"t_shown_0based": show}
     if "8" in which:
         lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
@@ -152,7 +145,7 @@ def make_figures(loaded, shards: str, out: str | os.PathLike, *, split: str = "t
         info = {"t_0based": min(interp_t, T - 1), "lambdas": lam, "pairs": k, "seed": seed,
                 "rmse_lambda0_vs_a": rmse(grid[:, 1], grid[:, 0]), "rmse_lambda1_vs_b": rmse(grid[:, -2], grid[:, -1]),
                 "columns": "source a, decodings for each lambda, source b"}
-        _write_json(out / "fig8_interpolation.json", info)
+        write_json(out / "fig8_interpolation.json", info, indent=1)
         numbers["fig8"] = {k2: info[k2] for k2 in ("rmse_lambda0_vs_a", "rmse_lambda1_vs_b")}
     return numbers
 
@@ -163,36 +156,42 @@ def register(subparsers) -> None:
         description="The paper's Figs. 5, 6 and 8 as PNG files with their numbers as JSON in OUT.")
     add_model_args(p)
     p.add_argument("--shards", default=None, help="shard directory with a test split (default: data.shards)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="default: eval.nll_split (test)")
     p.add_argument("--which", default="5,6,8", help="comma-separated subset of 5,6,8")
     p.add_argument("--num-images", type=int, default=8, help="test images averaged in Fig. 5")
-    p.add_argument("--t-batch", type=int, default=None, help="time steps per model call (Fig. 5)")
+    p.add_argument("--t-batch", type=int, default=None, help="time steps per model call (Fig. 5); default: eval.nll_t_batch")
     p.add_argument("--rows", type=int, default=4, help="samples in Fig. 6")
     p.add_argument("--lambdas", default=None, help="comma-separated interpolation weights (Fig. 8)")
     p.add_argument("--interp-t", type=int, default=500, help="0-based t of the interpolated latent (Fig. 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="base seed; default: eval.seed")
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="autocast the U-Net; default: eval.mixed_precision")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     loaded = load_model(args.src, args.revision, args.model_factory)
+    r = loaded.recipe
     which = tuple(w.strip() for w in args.which.split(",") if w.strip())
     bad = [w for w in which if w not in ("5", "6", "8")]
     if bad:
         raise EvalError(f"--which: unknown figure {bad[0]!r}; choose from 5, 6, 8")
-    shards = args.shards or loaded.recipe.data.shards
+    shards = resolve(args.shards, r, "data.shards")
     if not shards:
         raise EvalError("no test data: pass --shards or set data.shards in the recipe")
     lambdas = [float(v) for v in args.lambdas.split(",")] if args.lambdas else None
+    split = resolve(args.split, r, "eval.nll_split")
+    seed = resolve(args.seed, r, "eval.seed")
+    precision = resolve(args.precision, r, "eval.mixed_precision")
     acc = accelerator()
     if not acc.is_main_process:  # the figures are small: one process draws them
         return 0
-    nums = make_figures(loaded, shards, args.out, split=args.split, num_images=args.num_images,
-                        t_batch=args.t_batch or loaded.recipe.eval.nll_t_batch, seed=args.seed,
+    nums = make_figures(loaded, shards, args.out, split=split, num_images=args.num_images,
+                        t_batch=resolve(args.t_batch, r, "eval.nll_t_batch"), seed=seed, precision=precision,
                         n_progressive=args.rows, lambdas=lambdas, interp_t=args.interp_t, which=which,
                         device=args.device or acc.device)
-    proto = {"split": args.split, "shards": str(shards), "num_images_fig5": args.num_images,
-             "seed": args.seed, "interp_t_0based": args.interp_t, "figures": list(which)}
+    proto = {"split": split, "shards": str(shards), "num_images_fig5": args.num_images, "seed": seed,
+             "precision": precision, "interp_t_0based": args.interp_t, "figures": list(which)}
     write_result(args.out, "figures", nums, proto,
                  {"source": loaded.source, "weights_sha256": weights_sha256(loaded.model)})
     print(json.dumps({"out": str(args.out), **nums}))

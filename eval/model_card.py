@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 TASK = "unconditional-image-generation"
 # run/preset names -> (dataset id, display name)
@@ -64,8 +65,6 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
                       step: int | None = None, weights_sha256: str = "", parameters: int | None = None,
                       command: str | None = None, files: list[str] = (), trainer_state: dict | None = None,
                       ema: bool = True) -> str:
-    from huggingface_hub import EvalResult, ModelCardData
-
     ds_id, ds_name = _dataset(recipe)
     rows = metric_rows(results)
     evals = []
@@ -120,7 +119,7 @@ def _results_section(rows, results) -> list[str]:
                 yaml.safe_dump(ev.get("protocol") or {}, sort_keys=True).rstrip(), "```", ""]
     ck = results.get("checkpoint") or {}
     if ck:
-        out += [f"Evaluated checkpoint: `{ck.get('source', '?')}`, weights sha256 (`eval.results.weights_sha256`) "
+        out += [f"Evaluated checkpoint: `{ck.get('source', '?')}`, weights sha256 (`pipeline.weights.weights_sha256`) "
                 f"`{ck.get('weights_sha256', '?')}`.", ""]
     if results.get("versions"):
         out += ["Software: " + ", ".join(f"{k} {v}" for k, v in sorted(results["versions"].items())) + ".", ""]

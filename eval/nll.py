@@ -19,17 +19,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, load_model
+from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, manifest_path, resolve
 from eval.results import weights_sha256, write_result
+from pipeline.data import iter_split
+from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
+from pipeline.weights import file_sha256
 
 
 def iter_float(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                with_keys: bool = False):
     """The split's images, each once over all ranks, as float32 [B, 3, H, W] in [-1, 1] on the
     8-bit grid (what the discretized decoder of eq. 13 expects); with keys if asked."""
-    from pipeline.data import iter_split
-
     for x, keys in iter_split(shards, split, batch_size, rank=rank, world_size=world_size, with_keys=True):
         x = torch.as_tensor(x)
         x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
@@ -41,7 +42,7 @@ def key_index(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")
 
 
-def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t_batch: int = 10,
+def run_nll(loaded: Pretrained, shards: str, *, split: str = "test", batch_size: int = 64, t_batch: int = 10,
             seed: int = 0, precision: str = "no", limit: int | None = None, device=None, acc=None,
             progress: bool = True) -> dict:
     """Per-image bound terms over the split, gathered on every process. Returns metrics."""
@@ -72,7 +73,7 @@ def run_nll(loaded, shards: str, *, split: str = "test", batch_size: int = 64, t
             break
     bar.close()
     local = torch.cat(rows) if rows else torch.zeros(0, 4, dtype=torch.float64)
-    from accelerate.utils import gather_object
+    from accelerate.utils import gather_object  # imported here: `python -m eval --help` stays fast
 
     allrows = np.array(gather_object(local.tolist()), dtype=np.float64).reshape(-1, 4)
     n = len(allrows)
@@ -97,36 +98,35 @@ def register(subparsers) -> None:
     p.add_argument("--t-batch", type=int, default=None,
                    help="time steps per model call (batch = images x t-batch); default: eval.nll_t_batch")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per process (a quick look)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default="no",
-                   help="autocast the U-Net (the bound itself is computed in float32)")
+    p.add_argument("--seed", type=int, default=None, help="base seed of the noise; default: eval.seed")
+    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
+                   help="autocast the U-Net (the bound itself is computed in float32); default: eval.mixed_precision")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     loaded = load_model(args.src, args.revision, args.model_factory)
-    r, ev = loaded.recipe, loaded.recipe.eval
-    shards = args.shards or r.data.shards
+    r = loaded.recipe
+    shards = resolve(args.shards, r, "data.shards")
     if not shards:
         raise EvalError("no test data: pass --shards or set data.shards in the recipe")
-    from eval.fid import manifest_path, sha256_file
-
     manifest = manifest_path(shards)
-    split = args.split or ev.nll_split
-    t_batch = args.t_batch or ev.nll_t_batch
-    batch = args.batch_size or ev.nll_batch_size
+    split = resolve(args.split, r, "eval.nll_split")
+    t_batch = resolve(args.t_batch, r, "eval.nll_t_batch")
+    batch = resolve(args.batch_size, r, "eval.nll_batch_size")
     if batch <= 0 or t_batch <= 0:
         raise EvalError("--batch-size and --t-batch must be positive")
-    seed = ev.seed if args.seed is None else args.seed
+    seed = resolve(args.seed, r, "eval.seed")
+    precision = resolve(args.precision, r, "eval.mixed_precision")
     acc = accelerator()
     m = run_nll(loaded, shards, split=split, batch_size=batch, t_batch=t_batch, seed=seed,
-                precision=args.precision, limit=args.limit, device=args.device, acc=acc)
+                precision=precision, limit=args.limit, device=args.device, acc=acc)
     if acc.is_main_process:
-        proto = {"split": split, "shards": str(shards), "manifest_sha256": sha256_file(manifest),
+        proto = {"split": split, "shards": str(shards), "manifest_sha256": file_sha256(manifest),
                  "num_images": m["num_images"], "timesteps": int(loaded.diffusion.num_timesteps),
                  "var_type": loaded.diffusion.var_type, "mean_type": loaded.diffusion.mean_type,
                  "terms": "all T terms + prior (eq. 5), decoder eq. 13", "seed": seed,
-                 "precision": args.precision, "processes": acc.num_processes,
+                 "precision": precision, "processes": acc.num_processes,
                  "complete_split": args.limit is None}
         sha = weights_sha256(loaded.model)
         path = write_result(args.out, "nll", m, proto, {"source": loaded.source, "weights_sha256": sha})

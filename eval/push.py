@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
 EPILOG = """\
 what is pushed (one commit, so the repo never shows half a checkpoint):
@@ -15,7 +14,7 @@ what is pushed (one commit, so the repo never shows half a checkpoint):
 
 The token comes from HF_TOKEN or `hf auth login`; it is checked before anything is uploaded.
 HF_ENDPOINT selects another Hub-compatible server. Transient HTTP errors (5xx, resets) are
-retried with exponential backoff; a push that still fails commits nothing.
+retried with exponential backoff; a push that still fails commits nothing (exit 1; bad input: 2).
 Load it back anywhere a path is accepted:  python -m eval fid NAMESPACE/NAME --out DIR
 """
 
@@ -43,15 +42,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pipeline.hub import PushError, push_to_hub
+    # Imported here, not at the top: `python -m eval --help` registers this subcommand and must
+    # not load the Hub client and the model card's dependencies.
+    from eval.hub_push import push_to_hub
 
-    try:
-        out = push_to_hub(args.src, args.repo_id, revision=args.revision, private=args.private, format=args.format,
-                          results=args.results, samples=args.samples or (), command=args.command,
-                          commit_message=args.message, max_retries=args.max_retries)
-    except PushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if "push failed" not in str(e) else 1
+    # A PushError reaches `python -m eval`'s run_cli: one line, exit 2 (bad input), or exit 1
+    # (PushFailedError: the Hub failed after the retries).
+    out = push_to_hub(args.src, args.repo_id, revision=args.revision, private=args.private, format=args.format,
+                      results=args.results, samples=args.samples or (), command=args.command,
+                      commit_message=args.message, max_retries=args.max_retries)
     print(f"pushed {len(out['files'])} files to {out['repo_id']}@{out['revision']} as commit {out['commit']}")
     print(f"load it with: python -m eval sample {shlex.quote(out['repo_id'])}"
           + (f" --revision {shlex.quote(out['revision'])}" if out["revision"] != "main" else "") + " --out DIR")

@@ -13,40 +13,31 @@ Layout (schema 1):
     }
 Each `eval` subcommand adds or replaces its own entry under "evaluations". A file that was
 written for other weights is not mixed with new numbers: `write_result` refuses (exit 2 at the
-CLI), so every number in one file belongs to the same checkpoint.
+CLI), so every number in one file belongs to the same checkpoint. "weights_sha256" is
+`pipeline.weights.weights_sha256` of the evaluated model.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
 
-import torch
-
+from pipeline import atomic
 from pipeline.errors import UserError
+
+# Re-exported: the evaluations (sample, nll, figures) take the hash they record from here.
+from pipeline.weights import weights_sha256 as weights_sha256
 
 SCHEMA = 1
 BEYOND_PAPER = "beyond the paper (DDIM, Song et al. 2021); not comparable to the paper's numbers"
 
 
-class ResultsError(UserError, ValueError):
-    pass
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Hash of the weights themselves (sorted keys, dtype, shape, bytes): the same for a run
-    directory, a safetensors file or a Hub copy of the same EMA weights."""
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+class ResultsError(UserError):
+    """A results.json that cannot be read, or that holds results for other weights."""
 
 
 def software_versions() -> dict:
@@ -83,9 +74,7 @@ def write_result(out_dir: str | os.PathLike, name: str, metrics: dict, protocol:
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic.write_json(path, data)
     return path
 
 

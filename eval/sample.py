@@ -15,6 +15,7 @@ duplicated. The DDIM sampler is beyond the paper and is labelled so in the proto
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,24 +23,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, to_uint8
+from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, resolve, to_uint8
 from eval.results import BEYOND_PAPER, weights_sha256
 from pipeline import build
+from pipeline.atomic import atomic_path, write_json
+from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
 
 CHUNK_RE = "chunk-{:06d}.npz"
 
 
-def protocol_for(loaded, *, num_samples: int, seed: int, sampler: str, steps: int | None,
+def protocol_for(loaded: Pretrained, *, num_samples: int, seed: int, sampler: str, steps: int | None,
                  eta: float, var_type: str | None, precision: str, chunk_size: int) -> dict:
     d = loaded.diffusion
     proto = {
         "sampler": sampler,
         "steps": int(d.num_timesteps) if sampler == "ancestral" else int(steps),
-        "var_type": var_type or getattr(d, "var_type", None),
-        "mean_type": getattr(d, "mean_type", None),
+        "var_type": var_type or d.var_type,
+        "mean_type": d.mean_type,
         "num_samples": int(num_samples),
         "seed": int(seed),
         "chunk_size": int(chunk_size),
@@ -75,13 +79,7 @@ def _check_protocol(out: Path, proto: dict) -> None:
                         "use another --out")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def draw(loaded, indices, *, seed: int, sampler: str, steps: int | None, eta: float,
+def draw(loaded: Pretrained, indices, *, seed: int, sampler: str, steps: int | None, eta: float,
          precision: str, device) -> np.ndarray:
     """Samples for the given global indices as uint8 [n, H, W, 3]."""
     d, model = loaded.diffusion, Precision(loaded.model, precision, device)
@@ -96,7 +94,7 @@ def draw(loaded, indices, *, seed: int, sampler: str, steps: int | None, eta: fl
     return to_uint8(x)
 
 
-def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size: int, seed: int = 0,
+def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int, batch_size: int, seed: int = 0,
                  sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
                  var_type: str | None = None, precision: str = "no", chunk_size: int = 1000,
                  device=None, acc=None, stop_after_chunks: int | None = None) -> dict:
@@ -107,8 +105,10 @@ def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size
     acc = acc or accelerator()
     device = torch.device(device) if device else acc.device
     loaded.model.to(device)
-    if var_type and var_type != getattr(loaded.diffusion, "var_type", var_type):
-        loaded.diffusion = _with_var_type(loaded, var_type)
+    if var_type and var_type != loaded.diffusion.var_type:
+        # eval.var_type: the same diffusion with another reverse variance
+        cfg = dataclasses.replace(loaded.recipe.diffusion, var_type=var_type)
+        loaded = dataclasses.replace(loaded, diffusion=build.diffusion(cfg))
     out = Path(out)
     proto = protocol_for(loaded, num_samples=num_samples, seed=seed, sampler=sampler, steps=steps,
                          eta=eta, var_type=var_type, precision=precision, chunk_size=chunk_size)
@@ -117,7 +117,7 @@ def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size
         (out / "chunks").mkdir(parents=True, exist_ok=True)
         _check_protocol(out, proto)
         if not (out / "samples.json").is_file():
-            _write_json(out / "samples.json", {"protocol": proto, "complete": False, "chunks": []})
+            write_json(out / "samples.json", {"protocol": proto, "complete": False, "chunks": []})
     acc.wait_for_everyone()
     todo = sorted(set(range(n_chunks)) - done_chunks(out, n_chunks))
     mine = todo[acc.process_index :: acc.num_processes]
@@ -133,17 +133,15 @@ def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size
             images.append(draw(loaded, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
                                precision=precision, device=device))
             bar.update(len(idx))
-        path = chunk_path(out, c)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, images=np.concatenate(images), indices=np.arange(lo, hi, dtype=np.int64))
-        os.replace(tmp, path)  # a chunk that exists is whole
+        with atomic_path(chunk_path(out, c)) as tmp:  # a chunk that exists is whole
+            np.savez(tmp, images=np.concatenate(images), indices=np.arange(lo, hi, dtype=np.int64))
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
         done = sorted(done_chunks(out, n_chunks))
-        _write_json(out / "samples.json", {"protocol": proto, "complete": len(done) == n_chunks,
-                                           "processes": acc.num_processes,  # of the last run
-                                           "chunks": [chunk_path(out, c).name for c in done]})
+        write_json(out / "samples.json", {"protocol": proto, "complete": len(done) == n_chunks,
+                                          "processes": acc.num_processes,  # of the last run
+                                          "chunks": [chunk_path(out, c).name for c in done]})
         if done and 0 in done:
             save_grid(load_samples(out, limit=64), out / "grid.png")
     acc.wait_for_everyone()
@@ -152,14 +150,6 @@ def run_sampling(loaded, out: str | os.PathLike, *, num_samples: int, batch_size
 
 def _chunk_len(c: int, chunk_size: int, num_samples: int) -> int:
     return min(chunk_size, num_samples - c * chunk_size)
-
-
-def _with_var_type(loaded, var_type: str):
-    """The same diffusion with another reverse variance (eval.var_type in the recipe)."""
-    import dataclasses
-
-    cfg = dataclasses.replace(loaded.recipe.diffusion, var_type=var_type)
-    return build.diffusion(cfg)
 
 
 def load_samples(out: str | os.PathLike, limit: int | None = None) -> np.ndarray:
@@ -208,8 +198,6 @@ class SampleChunks:
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = None) -> None:
     """uint8 [n, H, W, 3] -> one PNG grid with 2-pixel gaps, written atomically."""
-    from PIL import Image
-
     n, h, w, c = images.shape
     ncol = ncol or int(math.ceil(math.sqrt(n)))
     nrow = int(math.ceil(n / ncol))
@@ -218,10 +206,8 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = No
     for i, im in enumerate(images):
         r, q = divmod(i, ncol)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = im
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
 
 
 def add_sampling_args(p) -> None:
@@ -243,18 +229,19 @@ def add_sampling_args(p) -> None:
 def sample_from_args(args):
     """Load the model and draw (or resume) the samples the arguments ask for."""
     loaded = load_model(args.src, args.revision, args.model_factory)
-    ev = loaded.recipe.eval
-    num = args.num_samples or ev.num_samples
-    if num <= 0 or args.chunk_size <= 0 or (args.batch_size is not None and args.batch_size <= 0):
+    r = loaded.recipe
+    num = resolve(args.num_samples, r, "eval.num_samples")
+    batch = resolve(args.batch_size, r, "eval.batch_size")
+    if min(num, batch, args.chunk_size) <= 0:
         raise EvalError("--num-samples, --batch-size and --chunk-size must be positive")
-    sampler = args.sampler or ev.sampler
+    sampler = resolve(args.sampler, r, "eval.sampler")
     acc = accelerator()
     proto = run_sampling(
-        loaded, args.out, num_samples=num, batch_size=args.batch_size or ev.batch_size,
-        seed=ev.seed if args.seed is None else args.seed, sampler=sampler,
-        steps=(args.steps or ev.ddim_steps) if sampler == "ddim" else None, eta=args.eta,
-        var_type=args.var_type or ev.var_type, precision=args.precision or ev.mixed_precision,
-        chunk_size=args.chunk_size, device=args.device, acc=acc)
+        loaded, args.out, num_samples=num, batch_size=batch, seed=resolve(args.seed, r, "eval.seed"),
+        sampler=sampler, steps=resolve(args.steps, r, "eval.ddim_steps") if sampler == "ddim" else None,
+        eta=args.eta, var_type=resolve(args.var_type, r, "eval.var_type", r.diffusion.var_type),
+        precision=resolve(args.precision, r, "eval.mixed_precision"), chunk_size=args.chunk_size,
+        device=args.device, acc=acc)
     return loaded, proto, acc
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints in a run directory: written whole or not at all, newest k kept.
+"""Checkpoints in a run directory: written whole or not at all, restored exactly, newest k kept.
 
 Layout (docs/interfaces.md):
     RUN/checkpoints/step-00001000/{accelerate/, model.safetensors, ema.safetensors,
@@ -11,18 +11,33 @@ either the previous checkpoint or the new one, never a half one under a `step-*`
 checkpoints are first renamed to `.trash-*` and then deleted, so a kill during deletion cannot
 leave a partial `step-*` directory either. `trainer_state.json` is the last file written, and
 a `step-*` directory without it is ignored.
+
+Reading the directory needs neither torch nor Accelerate (slurm/job.py and the Hub loader read
+it); only `write_checkpoint` and `restore` do, and import them when called.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
+
+from pipeline import atomic
+from pipeline.config import Recipe, RecipeError, save_recipe
+
+log = logging.getLogger(__name__)
 
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 STATE_FILE = "trainer_state.json"
+
+# A training process's exit codes, as launchers read them (slurm/job.py requeues on 75): a stop
+# signal saves a checkpoint of the current step and exits EXIT_REQUEUE, so relaunching resumes.
+EXIT_OK = 0
+EXIT_REQUEUE = 75  # EX_TEMPFAIL
 
 
 def step_name(step: int) -> str:
@@ -68,37 +83,83 @@ def read_trainer_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / STATE_FILE).read_text())
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# ------------------------------------------------------------------------------ write and restore
+
+
+def write_checkpoint(run_dir: str | os.PathLike, step: int, *, acc, net, ema, recipe: Recipe, state: dict,
+                     keep: int, in_save: Optional[Callable[[int, Path], None]] = None) -> Path:
+    """Checkpoint `step`; every process calls it (the saves and the gather are collective).
+
+    Accelerate's state (model, optimizer, scaler, RNG of every rank; DeepSpeed's shards), the
+    float32 weights of `net` and of `ema`, the recipe, and last `state` plus every rank's EMA
+    digest as trainer_state.json; then committed (fsync, rename, `latest`, prune to `keep`).
+    `in_save(step, tmp_dir)` (tests) runs on the main process once the weights are written.
+    """
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    tmp = _tmp_dir(run_dir, step)
+    if acc.is_main_process:
+        begin(run_dir, step)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+    # Every rank's EMA digest: they must agree (DDP / ZeRO-2 keep the weights replicated).
+    digests = gather_object([ema.digest()])
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        if len(set(digests)) != 1:
+            log.error("EMA differs between ranks at step %d: %s", step, digests)
+        weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+        if in_save is not None:
+            in_save(step, tmp)
+        save_recipe(recipe, tmp / "config.yaml")
+        # Last: marks the directory whole. No fsync here: commit() fsyncs the whole directory.
+        atomic.write_json(tmp / STATE_FILE, {**state, "ema_sha256_by_rank": digests})
+        commit(run_dir, tmp, step, keep)
+    acc.wait_for_everyone()
+    return checkpoints_dir(run_dir) / step_name(step)
+
+
+def restore(ckpt: Path, *, acc, ema, loader, global_batch: int, deepspeed: bool) -> dict:
+    """Load a checkpoint of `write_checkpoint` into the live Accelerate state, EMA and loader;
+    returns its trainer state. A DeepSpeed checkpoint needs the world size it was written with
+    (its optimizer state is sharded per rank); DDP state resumes on any world size."""
+    from safetensors.torch import load_file
+
+    saved = read_trainer_state(ckpt)
+    world = acc.num_processes
+    if deepspeed and saved.get("world_size", world) != world:
+        raise RecipeError(f"{ckpt}: DeepSpeed checkpoint from {saved['world_size']} processes; "
+                          f"resume it with the same number (now {world})")
+    if saved.get("global_batch_size", global_batch) != global_batch:
+        log.warning("global batch size changed from %s to %s on resume", saved["global_batch_size"], global_batch)
+    acc.load_state(str(Path(ckpt) / "accelerate"))
+    ema.load_state_dict(load_file(str(Path(ckpt) / "ema.safetensors")))
+    loader.load_state_dict(saved["data"])
+    return saved
+
+
+# ------------------------------------------------------------------------------ the directory protocol
 
 
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory under root (data first, then the directory entries)."""
     for dirpath, _, files in os.walk(root, topdown=False):
         for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath))
+            atomic.fsync_path(Path(dirpath) / f)
+        atomic.fsync_path(dirpath)
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _tmp_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f".tmp-{step_name(step)}"
 
 
 def begin(run_dir: str | os.PathLike, step: int) -> Path:
     """A fresh temporary directory for the checkpoint of `step` (main process only)."""
-    d = checkpoints_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".tmp-{step_name(step)}"
+    checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_dir(run_dir, step)
     if tmp.exists():  # left by a process killed while writing: never used, start over
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -115,14 +176,8 @@ def commit(run_dir: str | os.PathLike, tmp: Path, step: int, keep: int) -> Path:
     if final.exists():  # the same step saved again (e.g. a stop signal right after a periodic save)
         _discard(final)
     os.replace(tmp, final)
-    _fsync_path(d)
-    pointer_tmp = d / ".latest.tmp"
-    with open(pointer_tmp, "w") as f:
-        f.write(final.name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(pointer_tmp, d / "latest")
-    _fsync_path(d)
+    atomic.fsync_path(d)
+    atomic.write_text(d / "latest", final.name + "\n", fsync=True)
     prune(run_dir, keep)
     return final
 
@@ -136,11 +191,14 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
 
 
 def clean_stale(run_dir: str | os.PathLike) -> None:
-    """Remove temporary and trash directories left by killed processes (main process, at start)."""
+    """Remove what killed processes left: temporary and trash directories, a temporary
+    `latest` pointer (main process, at start)."""
     d = checkpoints_dir(run_dir)
     if d.is_dir():
         for p in list(d.glob(".tmp-*")) + list(d.glob(".trash-*")):
             shutil.rmtree(p, ignore_errors=True)
+        for p in d.glob(".latest.tmp-*"):
+            p.unlink(missing_ok=True)
 
 
 def _discard(path: Path) -> None:

@@ -1,9 +1,10 @@
 """Typed recipes: one YAML file per experiment, validated before any work starts.
 
-A recipe has the sections model, diffusion, data, train, eval, hub and run. Every field is
-typed; an unknown key, a wrong type or a bad value raises `RecipeError` naming the file, the
-dotted key and the closest valid key. Command-line overrides are dotted `section.key=value`
-strings whose values are parsed as YAML (`train.lr=1e-4`, `model.ch_mult=[1,2]`).
+A recipe has the sections model, diffusion, data, train, eval and run. Every field is typed; an
+unknown key, a wrong type or a bad value raises `RecipeError` naming the file, the dotted key and
+the closest valid key. Command-line overrides are dotted `section.key=value` strings whose values
+are parsed as YAML (`train.lr=1e-4`, `model.ch_mult=[1,2]`). This module imports no torch: a
+recipe is checked before anything heavy loads (pipeline/build.py makes the objects).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline.atomic import write_text
 from pipeline.errors import UserError
 from pipeline.presets import PRESETS
 
 
-class RecipeError(UserError, ValueError):
+class RecipeError(UserError):
     """A recipe that cannot run. Entry points print the message and exit 2."""
 
 
@@ -66,7 +68,6 @@ class DiffusionConfig:
 class DataConfig:
     # A shard directory holding manifest.json, or the manifest file itself.
     shards: str = ""
-    split: str = "train"
     random_flip: bool = True  # the paper flips every data set but LSUN cat
     num_workers: int = 2
     max_corrupt: int = 10  # corrupt samples tolerated before the loader stops
@@ -111,15 +112,6 @@ class EvalConfig:
 
 
 @dataclass
-class HubConfig:
-    repo_id: Optional[str] = None
-    private: bool = False
-    revision: Optional[str] = None
-    format: Literal["native", "diffusers"] = "native"
-    push_after_eval: bool = False
-
-
-@dataclass
 class RunConfig:
     name: str = "run"
     output_dir: str = "runs/run"
@@ -133,7 +125,6 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    hub: HubConfig = field(default_factory=HubConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -166,11 +157,8 @@ def load_recipe(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
-    """Write the resolved recipe atomically (tmp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    """Write the resolved recipe atomically: a reader never sees half a config.yaml."""
+    write_text(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
@@ -214,6 +202,26 @@ def _closest(name: str, choices: typing.Iterable[str], prefix: str) -> str:
     return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 
+# Keys removed because nothing read them (the hub section went with `eval push` taking its
+# settings on the command line). Every checkpoint saved before has them in its config.yaml
+# (save_recipe writes every key) at these defaults: at their default they are accepted and
+# ignored, so old checkpoints still load; any other value is an unknown key, like a key we never had.
+RETIRED = {"data.split": "train", "hub.repo_id": None, "hub.private": False, "hub.revision": None,
+           "hub.format": "native", "hub.push_after_eval": False}
+
+
+def _retired(key: str, value: Any, source: str) -> bool:
+    """True for a retired key at its old default, or a retired section holding only such keys."""
+    if key in RETIRED:
+        return value == RETIRED[key]
+    if not any(k.startswith(f"{key}.") for k in RETIRED) or not isinstance(value, (dict, type(None))):
+        return False  # not a retired section: an unknown key
+    for sub, v in (value or {}).items():
+        if not _retired(f"{key}.{sub}", v, source):
+            raise RecipeError(f"{source}: unknown key '{key}.{sub}'")
+    return True
+
+
 def _build(cls, d: Any, source: str, prefix: str):
     where = prefix.rstrip(".") or "recipe"
     if d is None:
@@ -224,6 +232,8 @@ def _build(cls, d: Any, source: str, prefix: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
+        if key not in fields and _retired(f"{prefix}{key}", value, source):
+            continue
         if key not in fields:
             raise RecipeError(
                 f"{source}: unknown key '{prefix}{key}'{_closest(str(key), fields, prefix)}"
@@ -306,7 +316,6 @@ def _check_values(r: Recipe, source: str) -> None:
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
-    need(r.hub.repo_id is None or r.hub.repo_id.count("/") == 1, "hub.repo_id", "must be 'namespace/name'")
 
 
 def _plain(obj: Any) -> Any:

@@ -4,14 +4,20 @@ The paper's model is a `UNet2DModel` with `freq_shift=1`, `flip_sin_to_cos=False
 original's embedding [sin, cos] with frequencies exp(-log(10000) i / (half - 1))),
 `downsample_padding=0` (TF 'SAME' padding of a stride-2 conv: one pixel bottom/right),
 GroupNorm(32, eps 1e-6), a single attention head and `AttnDownBlock2D` / `AttnUpBlock2D` at the
-resolutions with attention. diffusers is not imported here: this is pure key/shape mapping.
+resolutions with attention. The paper's forward process is a `DDPMScheduler` with the linear
+schedule; `ddpm_scheduler_config` and `diffusion_settings_from_diffusers` map our `diffusion`
+section to its config and back. diffusers is not imported here: this is pure key/config mapping,
+and a layout we cannot represent is a ValueError naming the key.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
+
+from pipeline.unet import GN_EPS, GN_GROUPS, UNet
 
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",
            "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
@@ -102,8 +108,6 @@ def from_diffusers(state_dict: dict) -> dict:
 
 def diffusers_config(unet_kwargs: dict) -> dict:
     """`UNet(**unet_kwargs)` -> the kwargs of the equivalent diffusers `UNet2DModel`."""
-    from pipeline.unet import GN_EPS, GN_GROUPS
-
     k = {**{p: v.default for p, v in _unet_defaults().items()}, **unet_kwargs}
     ch_mult, attn = tuple(k["ch_mult"]), tuple(k["attn_resolutions"])
     res = [k["resolution"] // 2 ** i for i in range(len(ch_mult))]
@@ -122,18 +126,12 @@ def diffusers_config(unet_kwargs: dict) -> dict:
 
 
 def _unet_defaults():
-    import inspect
-
-    from pipeline.unet import UNet
-
     return {n: p for n, p in inspect.signature(UNet.__init__).parameters.items()
             if n != "self" and p.default is not inspect.Parameter.empty}
 
 
 def unet_kwargs_from_diffusers(config: dict) -> dict:
     """A diffusers `UNet2DModel` config -> `UNet` kwargs; ValueError if it is not the DDPM layout."""
-    from pipeline.unet import GN_EPS, GN_GROUPS
-
     expect = dict(freq_shift=1, flip_sin_to_cos=False, downsample_padding=0, act_fn="silu",
                   norm_num_groups=GN_GROUPS, resnet_time_scale_shift="default",
                   time_embedding_type="positional", mid_block_scale_factor=1,
@@ -169,3 +167,42 @@ def unet_kwargs_from_diffusers(config: dict) -> dict:
 
 def _as_list(x, n):
     return list(x) if isinstance(x, (list, tuple)) else [x] * n
+
+
+def ddpm_scheduler_config(diffusion) -> dict:
+    """diffusers' DDPMScheduler config for our `diffusion` recipe section (the paper's schedule);
+    ValueError for a parameterisation diffusers has no name for."""
+    pred = {"eps": "epsilon", "x0": "sample"}.get(diffusion.mean_type)
+    if pred is None:
+        raise ValueError(f"diffusion.mean_type={diffusion.mean_type!r} has no diffusers equivalent")
+    return {"_class_name": "DDPMScheduler", "num_train_timesteps": diffusion.timesteps,
+            "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end, "beta_schedule": "linear",
+            "trained_betas": None, "variance_type": diffusion.var_type, "clip_sample": True,
+            "clip_sample_range": 1.0, "prediction_type": pred}
+
+
+def diffusion_settings_from_diffusers(unet_config: dict, scheduler: dict | None) -> dict:
+    """Our `diffusion` recipe section for a diffusers repo: from its DDPMScheduler config when
+    there is one, else the paper's (T=1000, linear betas 1e-4..0.02; sigma^2 = beta for CIFAR-10
+    at 32x32, beta-tilde for the 256x256 models, Sec. 4 / Appendix B). ValueError for a schedule,
+    variance or parameterisation that is not the paper's."""
+    if scheduler is None:
+        size = unet_config.get("sample_size") or 0
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        large = int(size) <= 32
+        return {"timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "mean_type": "eps",
+                "var_type": "fixed_large" if large else "fixed_small"}
+    if scheduler.get("trained_betas") is not None or scheduler.get("beta_schedule", "linear") != "linear":
+        raise ValueError(f"beta_schedule {scheduler.get('beta_schedule')!r} is not the paper's linear schedule")
+    var = scheduler.get("variance_type", "fixed_small")
+    if var not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance_type {var!r} is not supported (want fixed_small or fixed_large)")
+    pred = {"epsilon": "eps", "sample": "x0"}.get(scheduler.get("prediction_type", "epsilon"))
+    if pred is None:
+        raise ValueError(f"prediction_type {scheduler.get('prediction_type')!r} is not supported")
+    try:
+        return {"timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+                "beta_start": float(scheduler.get("beta_start", 1e-4)),
+                "beta_end": float(scheduler.get("beta_end", 0.02)), "mean_type": pred, "var_type": var}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"num_train_timesteps / beta_start / beta_end must be numbers: {e}") from None

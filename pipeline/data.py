@@ -30,17 +30,19 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.errors import UserError
 
 __all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample", "DECODERS"]
 
 
-class DataError(UserError, RuntimeError):
+class DataError(UserError):
     """Bad shard source, or too many corrupt samples."""
 
 
@@ -57,16 +59,13 @@ def decode_hwc(ext: str, data: bytes, decoder: str = "pil") -> np.ndarray:
             raise ValueError(f"npy sample has dtype {arr.dtype} shape {arr.shape}, expected uint8 [H, W, 3]")
         return arr
     if decoder == "torchvision":
-        import warnings
-
+        # Imported here: torchvision takes seconds to import, and only this decoder needs it.
         from torchvision.io import ImageReadMode, decode_image
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             x = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         return x.permute(1, 2, 0).numpy()
-    from PIL import Image
-
     img = Image.open(io.BytesIO(data))
     if img.mode != "RGB":
         img = img.convert("RGB")

@@ -74,7 +74,15 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianDiffusion:
-    def __init__(self, betas: torch.Tensor, mean_type: str = "eps", var_type: str = "fixed_small",
+    """The forward process q (eq. 4), the reverse process p_theta (eqs. 11-12) and the bound (eq. 5).
+
+    The defaults are the recipe schema's (pipeline.config.DiffusionConfig): predict eps, train on
+    L_simple (eq. 14), sample with sigma_t^2 = beta_t. Sec. 3.2: "both sigma_t^2 = beta_t and
+    sigma_t^2 = beta-tilde_t had similar results"; the original samples CIFAR-10 with beta_t
+    (fixed_large) and its 256x256 models with beta-tilde_t (fixed_small), as our recipes do.
+    """
+
+    def __init__(self, betas: torch.Tensor, mean_type: str = "eps", var_type: str = "fixed_large",
                  loss_type: str = "simple"):
         for name, value, allowed in (("mean_type", mean_type, MEAN_TYPES),
                                      ("var_type", var_type, VAR_TYPES),

@@ -10,6 +10,8 @@ the trainer.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -41,8 +43,6 @@ class EMA:
 
     def digest(self) -> str:
         """sha256 of the EMA tensors' bytes (name order): equal on every rank, or ranks diverged."""
-        import hashlib
-
         h = hashlib.sha256()
         for n, t in zip(self.names, self.shadow):
             h.update(n.encode())

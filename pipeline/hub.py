@@ -1,37 +1,31 @@
-"""Load a model from anywhere (run dir, checkpoint, safetensors file, folder, Hub repo) and push one.
+"""Load a model from anywhere: a run dir, a checkpoint, a safetensors file, a folder, a Hub repo.
 
 Two on-disk layouts are understood, locally or on the Hub:
   ours       config.yaml (the resolved recipe) + ema.safetensors / model.safetensors (UNet keys)
   diffusers  config.json (UNet2DModel) + diffusion_pytorch_model.{safetensors,bin}, optionally
              under unet/, with scheduler_config.json (DDPMScheduler) beside it or in scheduler/:
              the layout of the converted original checkpoints (google/ddpm-cifar10-32, ...).
-Weights are read only from safetensors or with torch.load(weights_only=True): a pickle that would
-build anything but tensors is refused. Every bad input is a `LoadError` (a ValueError) whose
-one-line message names the file; entry points print it and exit 2.
-
-`push_to_hub` uploads a checkpoint as ONE commit (so a repo never shows half a checkpoint),
-retrying transient HTTP errors with exponential backoff, and checking the token before any upload.
+Weights are read by `pipeline.weights` (safetensors, or torch.load(weights_only=True)). Every bad
+input is a `LoadError` (a `UserError`) whose one-line message names the file or repo; entry points
+print it and exit 2. Pushing is eval/hub_push.py's business.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import pickle
 import re
-import tempfile
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
 
 import torch
 
-from pipeline import build
-from pipeline.errors import UserError
+from pipeline import build, convert
+from pipeline.checkpoint import latest_checkpoint
+from pipeline.config import ModelConfig, Recipe, RecipeError, load_recipe
+from pipeline.diffusion import GaussianDiffusion
+from pipeline.weights import LoadError, load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -40,64 +34,14 @@ DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_m
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-class LoadError(UserError, ValueError):
-    """A model source that cannot be loaded; the message names the file or repo."""
-
-
-class PushError(UserError, RuntimeError):
-    """A push that cannot start (token, input) or that failed after its retries."""
-
-
 @dataclass
 class Pretrained:
-    model: torch.nn.Module
-    diffusion: Any  # pipeline.diffusion.GaussianDiffusion
-    recipe: Any  # pipeline.config.Recipe
+    """A loaded model: what every sampler and evaluation needs."""
+
+    model: torch.nn.Module  # eval mode, float32, CPU
+    diffusion: GaussianDiffusion
+    recipe: Recipe  # ours, or one built from a diffusers config
     source: str  # the file that held the weights, or "repo_id@commit"
-
-
-# ----------------------------------------------------------------------------- weights
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file, or from a torch file without unpickling arbitrary objects."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LoadError(f"{path}: not a readable safetensors file (truncated or corrupt?): {msg}") from None
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            raise LoadError(
-                f"{path}: refused: this pickle holds objects other than tensors, and only plain tensor "
-                "state dicts are loaded (torch.load(weights_only=True)); convert it to safetensors"
-            ) from None
-        except (RuntimeError, OSError, EOFError, ValueError) as e:
-            raise LoadError(f"{path}: not a readable torch file (truncated or corrupt?): {str(e).splitlines()[0]}") from None
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-            raise LoadError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-        return obj
-    raise LoadError(f"{path}: unknown weight format '{path.suffix}' (want .safetensors, or .bin/.pt)")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- loading
 
 
 def load_pretrained(src: str | os.PathLike, revision: str | None = None, use_ema: bool = True) -> Pretrained:
@@ -126,10 +70,9 @@ def _load_local(path: Path, use_ema: bool, source: str | None) -> Pretrained:
         if (folder / "config.json").is_file():
             return _build_diffusers(folder / "config.json", path, _scheduler_config(folder), source)
         raise LoadError(f"{path}: no config.yaml (our layout) or config.json (diffusers) beside it")
-    if (path / "checkpoints").is_dir():
-        path = _latest_checkpoint(path)
+    path = find_checkpoint(path)
     if (path / "config.yaml").is_file() and any((path / w).is_file() for w in OUR_WEIGHTS):
-        return _build_ours(path / "config.yaml", _our_weights(path, use_ema), source)
+        return _build_ours(path / "config.yaml", our_weights(path, use_ema), source)
     for sub in ("", "unet"):
         folder = path / sub if sub else path
         weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
@@ -141,16 +84,20 @@ def _load_local(path: Path, use_ema: bool, source: str | None) -> Pretrained:
     )
 
 
-def _latest_checkpoint(run_dir: Path) -> Path:
-    from pipeline.checkpoint import latest_checkpoint  # complete checkpoints only, never a half-written one
-
-    ckpt = latest_checkpoint(run_dir)
+def find_checkpoint(path: Path) -> Path:
+    """`path` itself, or for a run directory its newest complete checkpoint (never a half-written
+    one); LoadError when the run has none yet."""
+    if not (path / "checkpoints").is_dir():
+        return path
+    ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise LoadError(f"{run_dir}: run directory has no complete checkpoint yet")
+        raise LoadError(f"{path}: run directory has no complete checkpoint yet")
     return Path(ckpt)
 
 
-def _our_weights(folder: Path, use_ema: bool) -> Path:
+def our_weights(folder: Path, use_ema: bool = True) -> Path:
+    """The weights file of a checkpoint in our layout: the EMA weights unless `use_ema` is False;
+    a checkpoint without EMA weights gives its raw ones (with a warning)."""
     want = folder / ("ema.safetensors" if use_ema else "model.safetensors")
     if want.is_file():
         return want
@@ -161,8 +108,6 @@ def _our_weights(folder: Path, use_ema: bool) -> Path:
 
 
 def _build_ours(config: Path, weights: Path, source: str | None) -> Pretrained:
-    from pipeline.config import RecipeError, load_recipe
-
     try:
         recipe = load_recipe(config)
     except RecipeError as e:
@@ -190,31 +135,7 @@ def _read_json(path: Path) -> dict:
     return d
 
 
-def diffusion_settings_from_diffusers(unet_config: dict, scheduler: dict | None) -> dict:
-    """Our `diffusion` recipe section for a diffusers repo: from its DDPMScheduler config when
-    there is one, else the paper's (T=1000, linear betas 1e-4..0.02; sigma^2 = beta for CIFAR-10
-    at 32x32, beta-tilde for the 256x256 models, Sec. 4 / Appendix B)."""
-    if scheduler is None:
-        large = int(unet_config.get("sample_size") or 0) <= 32
-        return {"timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "mean_type": "eps",
-                "var_type": "fixed_large" if large else "fixed_small"}
-    if scheduler.get("trained_betas") is not None or scheduler.get("beta_schedule", "linear") != "linear":
-        raise ValueError(f"beta_schedule {scheduler.get('beta_schedule')!r} is not the paper's linear schedule")
-    var = scheduler.get("variance_type", "fixed_small")
-    if var not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"variance_type {var!r} is not supported (want fixed_small or fixed_large)")
-    pred = {"epsilon": "eps", "sample": "x0"}.get(scheduler.get("prediction_type", "epsilon"))
-    if pred is None:
-        raise ValueError(f"prediction_type {scheduler.get('prediction_type')!r} is not supported")
-    return {"timesteps": int(scheduler.get("num_train_timesteps", 1000)),
-            "beta_start": float(scheduler.get("beta_start", 1e-4)),
-            "beta_end": float(scheduler.get("beta_end", 0.02)), "mean_type": pred, "var_type": var}
-
-
 def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source: str | None) -> Pretrained:
-    from pipeline import convert
-    from pipeline.config import ModelConfig, Recipe, RecipeError
-
     cfg = _read_json(config)
     try:
         kwargs = convert.unet_kwargs_from_diffusers(cfg)
@@ -222,9 +143,9 @@ def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source
         raise LoadError(f"{config}: not a UNet2DModel config our U-Net can hold: {e}") from None
     sched = _read_json(scheduler) if scheduler is not None else None
     try:
-        diffusion = diffusion_settings_from_diffusers(cfg, sched)
-    except ValueError as e:
-        raise LoadError(f"{scheduler}: {e}") from None
+        diffusion = convert.diffusion_settings_from_diffusers(cfg, sched)
+    except (ValueError, TypeError) as e:
+        raise LoadError(f"{scheduler or config}: {e}") from None
     fields = set(ModelConfig.__dataclass_fields__) - {"preset"}
     model_section = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items() if k in fields}
     name = source.split("@")[0] if source else config.parent.name
@@ -275,9 +196,11 @@ def _load_into(model: torch.nn.Module, state: dict, weights: Path) -> None:
 
 def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[Path, str]:
     """Download the files one layout needs, all at one commit; returns (folder, 'repo@commit')."""
+    # The Hub client is imported for Hub ids only: local loads, and `python -m eval --help` which
+    # imports this module, don't load it (nor read its HF_* settings before a caller sets them).
     import httpx2
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     api = HfApi()
     try:
@@ -290,6 +213,8 @@ def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[
         # snapshot_download resolves the revision to one commit and records the ref in the cache,
         # so the same call works offline later; only the files of the chosen layout come down.
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))
+    except HFValidationError as e:  # names our pattern lets through: 'a/b--c', 'a/b.git', ...
+        raise LoadError(f"{repo_id}: not a valid Hub repo id: {str(e).splitlines()[0]}") from None
     except RevisionNotFoundError:
         raise LoadError(f"{repo_id}: no revision '{revision}' on the Hub") from None
     except RepositoryNotFoundError:
@@ -310,7 +235,7 @@ def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
     """The cache folder of `revision` when an earlier pull left it there (refs/<branch> -> commit).
     Not snapshot_download(local_files_only=True): that wants every file of the repo, and a pull
     fetches only the files of one layout."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # for Hub ids only, as in _fetch_from_hub
     from huggingface_hub.file_download import repo_folder_name
 
     storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
@@ -331,304 +256,3 @@ def _pick_hub_files(files: set[str], use_ema: bool) -> list[str]:
             sched = [s for s in ("scheduler_config.json", "scheduler/scheduler_config.json") if s in files]
             return [sub + "config.json", weights, *sched[:1]]
     return []
-
-
-# ----------------------------------------------------------------------------- pushing
-
-
-def _resolve_checkpoint(src: Path) -> tuple[Path, Path, Path | None]:
-    """(weights file, config.yaml, run dir or None) of a local run / checkpoint / safetensors file."""
-    if not src.exists():
-        raise PushError(f"{src}: no such file or directory (push takes a run dir, checkpoint dir or .safetensors)")
-    if src.is_file():
-        if src.suffix != ".safetensors":
-            raise PushError(f"{src}: push takes a .safetensors file, a checkpoint or a run directory")
-        ckpt, weights = src.parent, src
-    else:
-        try:
-            ckpt = _latest_checkpoint(src) if (src / "checkpoints").is_dir() else src
-            weights = _our_weights(ckpt, use_ema=True)
-        except LoadError as e:
-            raise PushError(str(e)) from None
-    config = ckpt / "config.yaml"
-    if not config.is_file() and (ckpt.parent.parent / "config.yaml").is_file():
-        config = ckpt.parent.parent / "config.yaml"
-    if not weights.is_file() or not config.is_file():
-        raise PushError(f"{ckpt}: want ema.safetensors (or model.safetensors) and config.yaml there")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    return weights, config, run_dir
-
-
-def _find_results(ckpt: Path, run_dir: Path | None) -> Path | None:
-    places = [ckpt, ckpt / "eval"] + ([run_dir, run_dir / "eval"] if run_dir else [])
-    return next((p / "results.json" for p in places if (p / "results.json").is_file()), None)
-
-
-def _step_of(ckpt: Path) -> int | None:
-    state = ckpt / "trainer_state.json"
-    if state.is_file():
-        try:
-            return int(json.loads(state.read_text())["step"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    m = re.search(r"step-(\d+)", ckpt.name)
-    return int(m.group(1)) if m else None
-
-
-def ddpm_scheduler_config(diffusion) -> dict:
-    """diffusers' DDPMScheduler config for our `diffusion` recipe section (the paper's schedule)."""
-    pred = {"eps": "epsilon", "x0": "sample"}.get(diffusion.mean_type)
-    if pred is None:
-        raise PushError(f"diffusion.mean_type={diffusion.mean_type!r} has no diffusers equivalent; push --format native")
-    return {"_class_name": "DDPMScheduler", "num_train_timesteps": diffusion.timesteps,
-            "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end, "beta_schedule": "linear",
-            "trained_betas": None, "variance_type": diffusion.var_type, "clip_sample": True,
-            "clip_sample_range": 1.0, "prediction_type": pred}
-
-
-def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str = "native",
-               results: str | os.PathLike | None = None, samples: list | None = None,
-               command: str | None = None) -> dict[str, Path]:
-    """The files of one push, {path in repo: local file}; generated ones are written under `out`.
-
-    native:    ema.safetensors, config.yaml (resolved recipe), config.json (model description)
-    diffusers: diffusion_pytorch_model.safetensors + config.json (UNet2DModel), scheduler_config.json,
-               config.yaml
-    both:      results.json (when evaluated), samples/*.png, README.md (model card)"""
-    from safetensors.torch import save_file
-
-    from eval.model_card import render_model_card
-    from pipeline.config import RecipeError, load_recipe
-
-    weights, config, run_dir = _resolve_checkpoint(Path(src))
-    try:
-        recipe = load_recipe(config)
-    except RecipeError as e:
-        raise PushError(str(e)) from None
-    try:
-        state = load_state_dict(weights)
-    except LoadError as e:
-        raise PushError(str(e)) from None
-    results_path = Path(results) if results else _find_results(weights.parent, run_dir)
-    if results_path is not None and not results_path.is_file():
-        raise PushError(f"{results_path}: results file not found")
-    results_data = _read_results(results_path)
-    _check_results_match(results_path, results_data, state)
-    step = _step_of(weights.parent)
-    if samples is None or not samples:
-        grid = run_dir / "samples" / f"step-{step:08d}.png" if run_dir and step is not None else None
-        samples = [grid] if grid is not None and grid.is_file() else []
-    for s in samples:
-        if not Path(s).is_file():
-            raise PushError(f"{s}: sample grid not found")
-    unet_kwargs = recipe.model.unet_kwargs()
-    sha = file_sha256(weights)
-    files: dict[str, Path] = {"config.yaml": config}
-    ema = weights.name != "model.safetensors"  # a checkpoint without EMA weights pushes its raw ones
-    if format == "native":
-        name = "ema.safetensors" if ema else "model.safetensors"
-        files[name] = weights
-        desc = {"library": "ddpm-pipeline", "architecture": "DDPM U-Net (Ho et al. 2020)",
-                "unet": {k: list(v) if isinstance(v, tuple) else v for k, v in unet_kwargs.items()},
-                "diffusion": recipe.to_dict()["diffusion"], "weights": name, "ema": ema, "sha256": sha,
-                "parameters": sum(t.numel() for t in state.values()), "step": step}
-        _write_json(out / "config.json", desc)
-    else:
-        from pipeline import convert
-
-        save_file(convert.to_diffusers(state), str(out / "diffusion_pytorch_model.safetensors"),
-                  metadata={"format": "pt"})
-        files["diffusion_pytorch_model.safetensors"] = out / "diffusion_pytorch_model.safetensors"
-        _write_json(out / "config.json", {"_class_name": "UNet2DModel", **convert.diffusers_config(unet_kwargs)})
-        _write_json(out / "scheduler_config.json", ddpm_scheduler_config(recipe.diffusion))
-        files["scheduler_config.json"] = out / "scheduler_config.json"
-    files["config.json"] = out / "config.json"
-    if results_path is not None:
-        files["results.json"] = results_path
-    for s in samples:
-        files[f"samples/{Path(s).name}"] = Path(s)
-    card = render_model_card(recipe, results_data, repo_id=repo_id, format=format, step=step, weights_sha256=sha, ema=ema,
-                             parameters=sum(t.numel() for t in state.values()), command=command,
-                             files=sorted(files) + ["README.md"], trainer_state=_trainer_state(weights.parent))
-    (out / "README.md").write_text(card)
-    files["README.md"] = out / "README.md"
-    return files
-
-
-def _read_results(path: Path | None) -> dict | None:
-    if path is None:
-        return None
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PushError(f"{path}: not valid JSON: {str(e).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise PushError(f"{path}: expected a JSON object")
-    return d
-
-
-def _check_results_match(path: Path | None, results: dict | None, state: dict) -> None:
-    """The card's numbers must describe the pushed weights: compare the weights hash eval recorded."""
-    want = ((results or {}).get("checkpoint") or {}).get("weights_sha256")
-    if not want:
-        return
-    try:
-        from eval.results import weights_sha256
-    except ImportError:
-        return
-
-    class _Weights:  # weights_sha256 hashes model.state_dict(); the EMA file holds exactly that
-        def state_dict(self):
-            return state
-
-    if weights_sha256(_Weights()) != want:
-        raise PushError(f"{path}: these results were computed for other weights (sha256 {want[:12]}...); "
-                        "evaluate this checkpoint or pass the matching --results")
-
-
-def _trainer_state(ckpt: Path) -> dict:
-    try:
-        return json.loads((ckpt / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-_TRANSIENT_STATUS = (408, 429, 500, 502, 503, 504)
-
-
-def check_token(api, repo_id: str) -> str:
-    """Fail before any upload when the token is missing, invalid, or cannot write `namespace`."""
-    from huggingface_hub import get_token
-    from huggingface_hub.errors import HfHubHTTPError
-
-    token = api.token or get_token()
-    if not token:
-        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (a write token)")
-    try:
-        who = api.whoami(token=token)
-    except HfHubHTTPError as e:
-        status = getattr(e.response, "status_code", None)
-        if status == 401:
-            raise PushError("the Hugging Face token was rejected (401 from whoami): check HF_TOKEN") from None
-        raise PushError(f"cannot check the token with the Hub: {str(e).splitlines()[0]}") from None
-    except OSError as e:
-        raise PushError(f"cannot reach the Hub at {api.endpoint}: {e}") from None
-    namespace = repo_id.split("/")[0]
-    allowed = {who.get("name")} | {o.get("name") for o in who.get("orgs", [])}
-    if namespace not in allowed:
-        raise PushError(f"{repo_id}: the token belongs to '{who.get('name')}', who cannot write to '{namespace}'")
-    return token
-
-
-def _is_transient(e: BaseException) -> bool:
-    import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
-
-    while e is not None:  # LFS upload errors arrive wrapped: RuntimeError from HfHubHTTPError
-        if isinstance(e, HfHubHTTPError):
-            return getattr(e.response, "status_code", None) in _TRANSIENT_STATUS
-        if isinstance(e, (httpx2.TransportError, ConnectionError)):
-            return True
-        e = e.__cause__
-    return False
-
-
-def commit_with_retries(api, repo_id: str, operations: list, *, message: str, revision: str,
-                        max_retries: int = 5, backoff: float = 1.0, max_backoff: float = 30.0):
-    """One create_commit, retried on 5xx / timeouts / resets with exponential backoff.
-
-    A retry must not make a second commit when the first reached the server and only its reply
-    was lost: the commit carries a unique push id and names its parent, so before each retry we
-    look at the branch head; when our push id is there, the push is done."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    push_id = uuid.uuid4().hex
-    description = f"push-id: {push_id}"
-    parent = api.repo_info(repo_id, revision=revision).sha
-    for attempt in range(max_retries + 1):
-        try:
-            return api.create_commit(repo_id, operations, commit_message=message, commit_description=description,
-                                     revision=revision, parent_commit=parent)
-        except Exception as e:
-            conflict = isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in (409, 412)
-            if not (_is_transient(e) or (conflict and attempt > 0)) or attempt == max_retries:
-                raise
-            wait = min(max_backoff, backoff * 2**attempt)
-            log.warning("push to %s: %s; retry %d/%d in %.1fs", repo_id, str(e).splitlines()[0] or type(e).__name__,
-                        attempt + 1, max_retries, wait)
-            time.sleep(wait)
-            landed = _find_commit(api, repo_id, revision, push_id)
-            if landed is not None:
-                return landed
-            parent = api.repo_info(repo_id, revision=revision).sha
-
-
-def _describe(e: BaseException) -> str:
-    parts = []
-    while e is not None and len(parts) < 3:
-        text = str(e).strip().splitlines()
-        parts.append(text[0] if text else type(e).__name__)
-        e = e.__cause__
-    return ": ".join(parts)
-
-
-def _find_commit(api, repo_id: str, revision: str, push_id: str):
-    from huggingface_hub import CommitInfo
-
-    for c in api.list_repo_commits(repo_id, revision=revision)[:5]:
-        if push_id in (c.message or ""):
-            return CommitInfo(commit_url=f"{api.endpoint}/{repo_id}/commit/{c.commit_id}", commit_message=c.title,
-                              commit_description=c.message, oid=c.commit_id)
-    return None
-
-
-def push_to_hub(src: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = False,
-                format: str = "native", results: str | os.PathLike | None = None,
-                samples: Iterable[str | os.PathLike] = (), command: str | None = None,
-                commit_message: str | None = None, max_retries: int = 5, backoff: float = 1.0,
-                endpoint: str | None = None, token: str | None = None) -> dict:
-    """Push a run / checkpoint / safetensors file as one commit; returns {repo_id, revision, commit, url, files}."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if not REPO_ID.fullmatch(repo_id):
-        raise PushError(f"{repo_id}: a repo id is 'namespace/name'")
-    if format not in ("native", "diffusers"):
-        raise PushError(f"format {format!r}: want 'native' or 'diffusers'")
-    _resolve_checkpoint(Path(src))  # bad input fails before the network is touched
-    api = HfApi(endpoint=endpoint, token=token)
-    token = check_token(api, repo_id)  # before anything is staged or uploaded
-    branch = revision or "main"
-    with tempfile.TemporaryDirectory(prefix="ddpm-push-") as tmp:
-        files = stage_push(src, Path(tmp), repo_id=repo_id, format=format, results=results,
-                           samples=list(samples), command=command)
-        ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(p)) for name, p in sorted(files.items())]
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if branch != "main":
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-            info = commit_with_retries(api, repo_id, ops, revision=branch, max_retries=max_retries, backoff=backoff,
-                                       message=commit_message or f"Upload {Path(str(src)).name} ({format} layout)")
-        except (HfHubHTTPError, OSError, RuntimeError) as e:
-            raise PushError(f"{repo_id}: push failed, nothing was committed: {_describe(e)}") from None
-        except ValueError as e:  # e.g. the Hub rejected the model card metadata (before any upload)
-            raise PushError(f"{repo_id}: {' '.join(str(e).split())}") from None
-    return {"repo_id": repo_id, "revision": branch, "commit": info.oid, "url": info.commit_url,
-            "files": sorted(files)}
-
-
-def push_after_eval(src: str | os.PathLike, recipe, results: str | os.PathLike | None = None) -> dict | None:
-    """The last step of `eval` when the recipe's `hub` section asks (hub.push_after_eval + hub.repo_id)."""
-    hub = recipe.hub
-    if not hub.push_after_eval:
-        return None
-    if not hub.repo_id:
-        raise PushError("hub.push_after_eval is set but hub.repo_id is not")
-    return push_to_hub(src, hub.repo_id, revision=hub.revision, private=hub.private, format=hub.format,
-                       results=results)

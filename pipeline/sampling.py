@@ -11,20 +11,13 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.rng import randn_like_batch
 
 
 def maybe_tqdm(it, progress: bool, **kw):
-    if not progress:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, **kw)
-
-
-def _randn(shape, generator, device, dtype=torch.float32):
-    return randn_like_batch(shape, generator, device, dtype)
+    return tqdm(it, **kw) if progress else it
 
 
 def _device_of(generator, device, model=None):
@@ -58,7 +51,7 @@ def sample_from(diffusion, model, x_t, t_start: int, generator=None, progress: b
     for i in maybe_tqdm(range(t_start, -1, -1), progress, desc="sampling", total=t_start + 1):
         t = torch.full((B,), i, dtype=torch.long, device=x.device)
         if i > 0:
-            noise = noise_fn(x.shape) if noise_fn else _randn(x.shape, generator, x.device, x.dtype)
+            noise = noise_fn(x.shape) if noise_fn else randn_like_batch(x.shape, generator, x.device, x.dtype)
         else:
             noise = torch.zeros_like(x)  # the last step is the noiseless mean
         x_prev, pred_x0 = p_sample(diffusion, model, x, t, noise)
@@ -76,7 +69,7 @@ def p_sample_loop(diffusion, model, shape, generator=None, progress: bool = Fals
     `callback(t, x_t, pred_x0)` is called at every step t = T-1 .. 0.
     """
     device = _device_of(generator, device, model)
-    x = x_T if x_T is not None else _randn(tuple(shape), generator, device)
+    x = x_T if x_T is not None else randn_like_batch(tuple(shape), generator, device)
     return sample_from(diffusion, model, x, diffusion.num_timesteps - 1, generator, progress, callback)
 
 
@@ -89,7 +82,7 @@ def ddim_sample_loop(diffusion, model, shape, steps: int, eta: float = 0.0, gene
     if not 1 <= steps <= T:
         raise ValueError(f"ddim_sample_loop: steps={steps} must lie in [1, {T}]")
     device = _device_of(generator, device, model)
-    x = x_T if x_T is not None else _randn(tuple(shape), generator, device)
+    x = x_T if x_T is not None else randn_like_batch(tuple(shape), generator, device)
     ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().unique().tolist()[::-1]
     acp = diffusion.coef("alphas_cumprod")
     B = x.shape[0]
@@ -103,7 +96,7 @@ def ddim_sample_loop(diffusion, model, shape, steps: int, eta: float = 0.0, gene
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma ** 2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+            x = x + sigma * randn_like_batch(x.shape, generator, x.device, x.dtype)
     return x.clamp(-1.0, 1.0)
 
 
@@ -119,13 +112,13 @@ def interpolate(diffusion, model, x0_a, x0_b, lambdas, t: int = 500, generator=N
     lam = torch.as_tensor(lambdas, dtype=x0_a.dtype, device=x0_a.device)
     N, L = x0_a.shape[0], lam.numel()
     tt = torch.full((N,), t, dtype=torch.long, device=x0_a.device)
-    x_a = diffusion.q_sample(x0_a, tt, _randn(x0_a.shape, generator, x0_a.device, x0_a.dtype))
-    x_b = diffusion.q_sample(x0_b, tt, _randn(x0_b.shape, generator, x0_b.device, x0_b.dtype))
+    x_a = diffusion.q_sample(x0_a, tt, randn_like_batch(x0_a.shape, generator, x0_a.device, x0_a.dtype))
+    x_b = diffusion.q_sample(x0_b, tt, randn_like_batch(x0_b.shape, generator, x0_b.device, x0_b.dtype))
     lam = lam.reshape(1, L, 1, 1, 1)
     x = ((1 - lam) * x_a[:, None] + lam * x_b[:, None]).reshape(N * L, *x0_a.shape[1:])
 
     def shared_noise(shape):
-        z = _randn((N, *shape[1:]), generator, x.device, x.dtype)
+        z = randn_like_batch((N, *shape[1:]), generator, x.device, x.dtype)
         return z[:, None].expand(N, L, *shape[1:]).reshape(shape)
 
     out = sample_from(diffusion, model, x, t, progress=progress, noise_fn=shared_noise)

@@ -17,7 +17,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.trainer import EXIT_OK, EXIT_REQUEUE
+import yaml
+
+from pipeline.checkpoint import EXIT_OK, EXIT_REQUEUE
+from pipeline.config import check_paths, load_recipe
+from pipeline.errors import UserError, run_cli
 
 __all__ = ["EXIT_OK", "EXIT_REQUEUE", "main", "parse_args"]
 
@@ -37,34 +41,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from pipeline.config import RecipeError, check_paths, load_recipe
+def main(argv=None, hooks=None) -> int:
+    """`hooks`: a pipeline.trainer.Hooks for tests (tests/support/train_with_hooks.py)."""
+    return run_cli(run, parse_args(argv), hooks)
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        if args.dry_run:
-            import yaml
 
-            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-            return EXIT_OK
-        check_paths(recipe, args.recipe)
-        recipe.model.unet_kwargs()
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    from pipeline.data import DataError
+def run(args: argparse.Namespace, hooks=None) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return EXIT_OK
+    check_paths(recipe, args.recipe)
+    recipe.model.unet_kwargs()  # the model section resolves (preset, sizes) before any work
+    # Imported here: torch, Accelerate and DeepSpeed take seconds to import, and --help,
+    # --dry-run and a recipe refused above need none of them.
     from pipeline.trainer import train
 
     try:
-        return train(recipe, source=args.recipe)
-    except (RecipeError, DataError) as e:
+        return train(recipe, hooks=hooks)
+    except UserError as e:
         # Found once the world size / shards are open: batch layout, DeepSpeed config, a split
         # without samples, a resumed loader state that does not fit these shards, too many
-        # corrupt samples. Not worth a requeue: one line, exit 2.
-        print(f"error: {args.recipe}: {e}" if args.recipe not in str(e) else f"error: {e}", file=sys.stderr)
-        return 2
+        # corrupt samples, a diverging run. Name the recipe they come from.
+        if args.recipe not in str(e):
+            e.args = (f"{args.recipe}: {e}",)
+        raise
 
 
 if __name__ == "__main__":

@@ -214,7 +214,3 @@ def build_unet(name: str, **overrides) -> UNet:
     if name not in PRESETS:
         raise ValueError(f"unknown U-Net preset {name!r}; choose one of {sorted(PRESETS)}")
     return UNet(**{**PRESETS[name], **overrides})
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -141,7 +141,9 @@ class HubState:
         return r
 
     def commit(self, repo: Repo, branch: str, files: dict[str, Entry], title: str, message: str,
-               author: str, parent: str | None = None) -> Commit:
+               author: str) -> Commit:
+        """A new commit on top of `branch`'s head. A client's parentCommit is checked by the commit
+        route (412 when it is not the head), holding this lock until the commit is made."""
         with self.lock:
             head = repo.branches.get(branch)
             digest = hashlib.sha1(f"{head}|{title}|{uuid.uuid4()}".encode()).hexdigest()

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline import atomic
 from scripts.hub_server import HubServer
 from scripts.quickstart_data import make_quickstart_lmdb
 
@@ -86,7 +87,7 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
         "hub_round_trip_equal": same,
         "minutes": round((time.time() - t0) / 60, 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic.write_json(out / "summary.json", summary)
     return summary
 
 

@@ -21,7 +21,7 @@ PHOTOS = [
 
 
 def load_photos() -> list[Image.Image]:
-    import skimage
+    import skimage  # the test extra, and a slow import: only when an LMDB is actually written
 
     folder = Path(skimage.__file__).parent / "data"
     return [Image.open(folder / name).convert("RGB") for name in PHOTOS]

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import submitit
 
+from pipeline.atomic import write_json
+from pipeline.checkpoint import latest_checkpoint
 from slurm.launch import format_command, launch_command, node_launch_from_env
 
 EXIT_REQUEUE = 75  # pipeline.train.EXIT_REQUEUE (EX_TEMPFAIL); also this task's exit when interrupted
@@ -74,14 +76,11 @@ def read_requeues(job_dir: str) -> dict:
 
 
 def record_requeue(job_dir: str, kind: str, job_id: str) -> int:
-    """Add one interruption to the job folder's count (tmp file + rename); return the new count."""
+    """Add one interruption to the job folder's count (written atomically); return the new count."""
     state = read_requeues(job_dir)
     state["count"] += 1
     state["events"].append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "kind": kind, "job_id": job_id})
-    p = _counter_path(job_dir)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, p)
+    write_json(_counter_path(job_dir), state, indent=1)
     return state["count"]
 
 
@@ -212,7 +211,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
                 return rc
             time.sleep(0.2)
 
-    def _on_sigterm(self, signum, frame) -> None:
+    def _on_sigterm(self, _signum, _frame) -> None:
         self._terminated = True
         log("SIGTERM (scontrol requeue, cancel or the end of a grace time): training saves and exits")
 
@@ -261,8 +260,6 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
 def _latest(output_dir: str):
     try:
-        from pipeline.checkpoint import latest_checkpoint
-
         return latest_checkpoint(output_dir)
     except Exception:  # only for a log line; never stop a job over it
         return None

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import yaml
+
 from pipeline.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ TRAIN_SCRIPT = PROJECT_ROOT / "pipeline" / "train.py"
 PORT_BASE, PORT_SPAN = 12000, 20000
 
 
-class SlurmEnvError(UserError, ValueError):
+class SlurmEnvError(UserError):
     """The `SLURM_*` variables do not describe a usable allocation."""
 
 
@@ -203,8 +205,6 @@ def _config_uses_deepspeed(path) -> bool:
     """Whether an `accelerate config` YAML selects DeepSpeed (then --multi_gpu must not be added)."""
     if not path:
         return False
-    import yaml
-
     try:
         cfg = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):

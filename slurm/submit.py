@@ -9,6 +9,9 @@ On a time limit or a preemption the job has training save and requeues itself; e
 resumes from the newest checkpoint (see slurm/job.py). The job folder (default
 RUN/slurm/<time>/) holds the resolved recipe, the launch command, submitit's logs and the
 requeue count.
+
+submitit (and slurm.job, which imports it) is imported only inside the functions that build a
+job or its sbatch script, so `--help` does not pay for it.
 """
 
 from __future__ import annotations
@@ -16,17 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.atomic import write_text
+from pipeline.config import check_paths, load_recipe, save_recipe
+from pipeline.errors import UserError, run_cli
 from slurm.launch import PROJECT_ROOT, NodeLaunch, format_command, launch_command
-
-EXIT_USAGE = 2
 
 
 class SubmitError(UserError):
@@ -106,7 +108,7 @@ def sbatch_parameters(args, job_name: str) -> dict:
         params["gpus_per_node"] = args.gpus_per_node
     cpus = args.cpus_per_task or (args.gpus_per_node if args.cpu else None)
     if args.mem_gb is not None:
-        from submitit.slurm.slurm import _convert_mem
+        from submitit.slurm.slurm import _convert_mem  # submitit: see the module docstring
 
         params["mem"] = _convert_mem(args.mem_gb)
     for key, value in [("cpus_per_task", cpus), ("partition", args.partition),
@@ -118,7 +120,7 @@ def sbatch_parameters(args, job_name: str) -> dict:
 
 def prepare(args, workdir: Path):
     """Validate everything before anything is submitted; return (spec, params, recipe or None)."""
-    from slurm.job import JobSpec
+    from slurm.job import JobSpec  # submitit: see the module docstring
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     recipe = None
@@ -132,15 +134,10 @@ def prepare(args, workdir: Path):
         name = args.job_name or f"eval-{args.eval_args[0]}"
         program = ["-m", "eval", *args.eval_args]
     else:
-        from pipeline.config import RecipeError, check_paths, load_recipe
-
         if not args.recipe:
             raise SubmitError("give a recipe (or --eval)")
-        try:
-            recipe = load_recipe(args.recipe, args.overrides)
-            check_paths(recipe, args.recipe)
-        except RecipeError as e:
-            raise SubmitError(str(e)) from None
+        recipe = load_recipe(args.recipe, args.overrides)
+        check_paths(recipe, args.recipe)
         output_dir = workdir / recipe.run.output_dir
         job_dir = Path(args.job_dir or output_dir / "slurm" / stamp)
         name = args.job_name or recipe.run.name
@@ -177,13 +174,14 @@ def preview_command(spec, nodes: int) -> str:
 
 
 def sbatch_script(params: dict, folder: str) -> str:
-    from submitit.slurm.slurm import _make_sbatch_string
+    from submitit.slurm.slurm import _make_sbatch_string  # submitit: see the module docstring
 
     return _make_sbatch_string(command=f"{sys.executable} -u -m submitit.core._submit {folder}", folder=folder, **params)
 
 
 def submit(spec, params: dict, recipe=None):
     """Write the job folder, submit through submitit, return the submitit job."""
+    # submitit: see the module docstring
     import submitit
     from submitit.core.utils import FailedJobError
 
@@ -195,10 +193,8 @@ def submit(spec, params: dict, recipe=None):
     created = not job_dir.exists()
     job_dir.mkdir(parents=True, exist_ok=True)
     if recipe is not None:
-        from pipeline.config import save_recipe
-
         save_recipe(recipe, spec.recipe)
-    _atomic_write(job_dir / "launch_command.txt", preview_command(spec, params["nodes"]) + "\n")
+    write_text(job_dir / "launch_command.txt", preview_command(spec, params["nodes"]) + "\n")
     executor = submitit.SlurmExecutor(folder=job_dir, max_num_timeout=spec.max_requeues)
     executor.update_parameters(**params)
     try:
@@ -207,7 +203,7 @@ def submit(spec, params: dict, recipe=None):
         if created:  # nothing was submitted: leave no job folder behind
             shutil.rmtree(job_dir, ignore_errors=True)
         raise SubmitError(f"Slurm refused the job: {_sbatch_reason(str(e))}") from None
-    _atomic_write(job_dir / "submission.json", json.dumps(
+    write_text(job_dir / "submission.json", json.dumps(
         {"job_id": job.job_id, "sbatch": params, "launch": preview_command(spec, params["nodes"]),
          "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1, default=str) + "\n")
     return job
@@ -219,32 +215,21 @@ def _sbatch_reason(text: str) -> str:
     return "; ".join(dict.fromkeys(picked))[:500]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run(argv: list[str]) -> int:
     eval_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     args = build_parser().parse_args(argv)
     args.eval_args = eval_args
-    try:
-        spec, params, recipe = prepare(args, Path.cwd())
-        if args.dry_run:
-            print("# sbatch parameters")
-            print(json.dumps(params, indent=1, default=str))
-            print("# sbatch script (submitit)")
-            print(sbatch_script(params, spec.job_dir))
-            print("# launch command (each node; Slurm fills in FIRST_HOST, SLURM_JOB_ID, SLURM_NODEID)")
-            print(preview_command(spec, params["nodes"]))
-            return 0
-        job = submit(spec, params, recipe)
-    except SubmitError as e:
-        print(f"slurm.submit: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    spec, params, recipe = prepare(args, Path.cwd())
+    if args.dry_run:
+        print("# sbatch parameters")
+        print(json.dumps(params, indent=1, default=str))
+        print("# sbatch script (submitit)")
+        print(sbatch_script(params, spec.job_dir))
+        print("# launch command (each node; Slurm fills in FIRST_HOST, SLURM_JOB_ID, SLURM_NODEID)")
+        print(preview_command(spec, params["nodes"]))
+        return 0
+    job = submit(spec, params, recipe)
     print(f"submitted job {job.job_id}; job folder {spec.job_dir}")
     print(f"log: {job.paths.stdout}")
     if args.wait:
@@ -255,6 +240,10 @@ def main(argv=None) -> int:
             return 1
         print(f"job {job.job_id} finished: {result}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(run, list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Recipes: typed, validated at load, errors that name the file, key and closest valid key."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline import build
@@ -11,7 +14,7 @@ from pipeline.config import Recipe, RecipeError, check_paths, load_recipe, save_
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
-# Parameter counts from ../shared/DESIGN.md (the paper's models).
+# Parameter counts of the paper's models (Appendix B; the original code's counts).
 PAPER_PARAMS = {"cifar10": 35.75e6, "lsun256": 113.67e6, "celebahq256": 113.67e6, "lsun256_large": 255.68e6}
 
 
@@ -33,8 +36,6 @@ def test_all_recipes_load_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.stem != "quickstart"], ids=lambda p: p.stem)
 def test_paper_recipes_build_paper_models(path):
-    import torch
-
     r = load_recipe(path)
     with torch.device("meta"):
         net = build.unet(r.model)
@@ -50,11 +51,11 @@ def test_paper_recipes_build_paper_models(path):
 
 def test_overrides_are_typed():
     r = load_recipe(ROOT / "recipes/quickstart.yaml", ["train.lr=3e-4", "model.ch_mult=[1,2,2]",
-                                                      "train.mixed_precision=no", "hub.repo_id=me/tiny"])
+                                                      "train.mixed_precision=no", "run.name=me/tiny"])
     assert r.train.lr == 3e-4 and isinstance(r.train.lr, float)
     assert r.model.ch_mult == (1, 2, 2)
     assert r.train.mixed_precision == "no"
-    assert r.hub.repo_id == "me/tiny"
+    assert r.run.name == "me/tiny"
 
 
 @pytest.mark.parametrize(
@@ -69,6 +70,10 @@ def test_overrides_are_typed():
         ("", ["lr=1"], "must be section.key"),
         ("", ["train.learning_rate=1e-4"], "unknown key 'train.learning_rate' (did you mean 'train.lr'?)"),
         ("", ["train.ema_decay=1.5"], "train.ema_decay: must be in [0, 1)"),
+        # removed keys (nothing read them): a recipe that sets one is told so
+        ("data:\n  split: test\n", [], "unknown key 'data.split'"),
+        ("", ["hub.push_after_eval=true"], "unknown key 'hub.push_after_eval'"),
+        ("", ["hub.repo_id=me/tiny"], "unknown key 'hub.repo_id'"),
     ],
 )
 def test_bad_recipes_name_file_and_key(tmp_path, text, overrides, expected):
@@ -95,3 +100,19 @@ def test_saved_recipe_is_plain_yaml(tmp_path):
     d = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert d["model"]["preset"] == "lsun256" and d["train"]["adam_betas"] == [0.9, 0.999]
     assert Recipe.from_dict(d) == r
+
+
+def test_checkpoints_saved_with_the_removed_keys_still_load():
+    """save_recipe wrote every key, so older config.yaml files hold data.split and the hub section
+    at their defaults: they load, and mean what they meant."""
+    d = load_recipe(ROOT / "recipes/cifar10.yaml").to_dict()
+    d["data"]["split"] = "train"
+    d["hub"] = {"repo_id": None, "private": False, "revision": None, "format": "native", "push_after_eval": False}
+    assert Recipe.from_dict(d) == load_recipe(ROOT / "recipes/cifar10.yaml")
+
+
+def test_schema_imports_without_torch():
+    """The schema validates a recipe before any heavy import (a launcher, a login node)."""
+    code = "import sys, pipeline.config; assert 'torch' not in sys.modules, 'pipeline.config imported torch'"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from pipeline.convert import diffusers_config, from_diffusers, to_diffusers, unet_kwargs_from_diffusers
+from pipeline.config import DiffusionConfig
+from pipeline.convert import (
+    ddpm_scheduler_config,
+    diffusers_config,
+    diffusion_settings_from_diffusers,
+    from_diffusers,
+    to_diffusers,
+    unet_kwargs_from_diffusers,
+)
 from pipeline.unet import PRESETS, UNet
 
 diffusers = pytest.importorskip("diffusers")
@@ -118,3 +126,26 @@ def test_gradients_match_diffusers(channels_last):
     ours_grads = to_diffusers({k: p.grad for k, p in ours.named_parameters()})
     for k, p in ref.named_parameters():
         torch.testing.assert_close(ours_grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("mean_type", ["eps", "x0"])
+@pytest.mark.parametrize("var_type", ["fixed_small", "fixed_large"])
+def test_scheduler_config_round_trip(mean_type, var_type):
+    """Our diffusion section -> a DDPMScheduler config diffusers accepts as is -> the same section."""
+    ours = DiffusionConfig(timesteps=500, beta_start=2e-4, beta_end=0.03, mean_type=mean_type, var_type=var_type)
+    cfg = ddpm_scheduler_config(ours)
+    sched = diffusers.DDPMScheduler.from_config(cfg)
+    assert sched.config.prediction_type == {"eps": "epsilon", "x0": "sample"}[mean_type]
+    back = diffusion_settings_from_diffusers({}, dict(sched.config))
+    assert back == {"timesteps": 500, "beta_start": 2e-4, "beta_end": 0.03, "mean_type": mean_type, "var_type": var_type}
+    torch.testing.assert_close(sched.betas.double(), torch.linspace(2e-4, 0.03, 500, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+def test_schedulers_we_cannot_represent_are_refused_by_name():
+    with pytest.raises(ValueError, match="mean_type='mu'"):
+        ddpm_scheduler_config(DiffusionConfig(mean_type="mu"))
+    for key, value in [("beta_schedule", "scaled_linear"), ("variance_type", "learned"),
+                       ("prediction_type", "v_prediction"), ("beta_start", "small")]:
+        with pytest.raises(ValueError, match=key):
+            diffusion_settings_from_diffusers({}, {key: value})

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
 
 from pipeline.data import DataError, TrainLoader, iter_split
 from support.datasets import make_shards
@@ -187,8 +191,6 @@ def test_formats_and_decoders_give_identical_batches(tmp_path):
 
 
 def _gloo_worker(rank, world, init_file, shards, out_dir, steps):
-    import torch.distributed as dist
-
     # A forked child must not enter an OpenMP parallel region: the parent's OpenMP pool (used by
     # earlier tests) does not survive fork and the child would hang in its first parallel op.
     torch.set_num_threads(1)
@@ -209,8 +211,6 @@ def _gloo_worker(rank, world, init_file, shards, out_dir, steps):
 def test_exactly_once_two_processes_gloo_two_workers_each(shards, tmp_path):
     """Real processes (gloo) with 2 DataLoader workers each: every key once per epoch, and the
     global stream equals the single-process one (world-size independence)."""
-    import torch.multiprocessing as mp
-
     steps = 10  # 10 x 6 = 60 positions: 2 full epochs of 23 and part of a third
     # fork: real separate processes without re-importing torch in each (spawn costs ~30 s here)
     mp.start_processes(_gloo_worker, args=(2, str(tmp_path / "init"), shards, tmp_path, steps), nprocs=2,
@@ -228,10 +228,7 @@ def test_exactly_once_two_processes_gloo_two_workers_each(shards, tmp_path):
 def test_shards_are_plain_webdataset_and_foreign_shards_work(shards, tmp_path):
     """The webdataset library reads our shards (key + .npy), and we read a foreign shard whose
     samples have several members (image + label), one sample per key."""
-    import io
-
-    import webdataset as wds
-    from PIL import Image
+    import webdataset as wds  # here: webdataset is in the test extra for this test only
 
     table, imgs = key_of(shards)
     ds = wds.WebDataset(str(shards / "train-{000000..000004}.tar"), shardshuffle=False, empty_check=False).decode()

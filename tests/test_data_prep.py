@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 from PIL import Image
 
+import data_prep.shards as shards
 from data_prep.__main__ import main
 from data_prep.shards import key_hash, prepare
 from data_prep.sources import Cifar10Source, FolderSource, LsunSource, PrepError
@@ -34,6 +39,11 @@ def read_shards(out: Path, split: str) -> dict[str, tuple[str, bytes]]:
                 assert key not in got, f"duplicate key {key}"
                 got[key] = (ext, tar.extractfile(x).read())
     return got
+
+
+def leftovers(out: Path) -> list[str]:
+    """Hidden files (temporary files of the atomic writes) in a data_prep output."""
+    return [f.name for d in (out, out / ".prep") for f in d.iterdir() if f.name.startswith(".") and f.name != ".prep"]
 
 
 def pixels(ext: str, data: bytes) -> np.ndarray:
@@ -156,8 +166,6 @@ def test_rerun_complete_output_is_a_noop(tmp_path):
 
 
 def test_resume_after_crash_keeps_done_shards_and_has_no_duplicates(tmp_path, monkeypatch):
-    import data_prep.shards as shards
-
     make_lsun_lmdb(tmp_path / "lmdb", n=14, size=20, seed=9)
     ref = tmp_path / "ref"
     prepare(LsunSource(tmp_path / "lmdb"), ref, resolution=16, test_count=3, shard_size=3, progress=False)
@@ -168,7 +176,8 @@ def test_resume_after_crash_keeps_done_shards_and_has_no_duplicates(tmp_path, mo
     def crashing(path, samples):
         calls.append(path.name)
         if len(calls) == 3:  # die half-way through the third shard: a partial tmp file is left behind
-            path.with_name(f".{path.name}.tmp").write_bytes(b"partial")
+            # (named as pipeline.atomic names it, by a process that was killed)
+            path.with_name(f".{path.name}.tmp-999999{path.suffix}").write_bytes(b"partial")
             raise KeyboardInterrupt
         return real(path, samples)
 
@@ -184,7 +193,7 @@ def test_resume_after_crash_keeps_done_shards_and_has_no_duplicates(tmp_path, mo
     assert m["splits"] == r["splits"] and m["skipped"] == r["skipped"]
     for split in ("train", "test"):
         assert read_shards(out, split) == read_shards(ref, split)  # read_shards asserts no duplicate key
-    assert not list(out.glob(".*.tmp"))
+    assert not leftovers(out)
 
 
 def test_user_errors_raise_prep_error(tmp_path):
@@ -197,8 +206,6 @@ def test_user_errors_raise_prep_error(tmp_path):
     (tmp_path / "junk" / "data.mdb").write_bytes(b"not an lmdb file" * 512)
     with pytest.raises(PrepError, match="not an LMDB"):
         LsunSource(tmp_path / "junk").items()
-    import lmdb
-
     lmdb.open(str(tmp_path / "emptylmdb"), map_size=1 << 20).close()
     with pytest.raises(PrepError, match="empty"):
         LsunSource(tmp_path / "emptylmdb").items()
@@ -239,10 +246,6 @@ def test_cli_different_dataset_exit_2(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_killed_mid_run_then_rerun_finishes_without_duplicates(tmp_path):
     """SIGKILL a real `python -m data_prep lsun --workers 2` after its first shard, re-run it."""
-    import os
-    import signal
-    import time
-
     make_lsun_lmdb(tmp_path / "lmdb", n=300, size=48, seed=10)
     args = ["lsun", "--lmdb", str(tmp_path / "lmdb"), "--resolution", "32", "--shard-size", "10",
             "--test-count", "20", "--workers", "2", "--no-progress", "--format", "png"]
@@ -267,7 +270,7 @@ def test_cli_killed_mid_run_then_rerun_finishes_without_duplicates(tmp_path):
     assert m["splits"] == ref["splits"] and m["skipped"] == ref["skipped"]
     for split in ("train", "test"):
         assert read_shards(out, split) == read_shards(tmp_path / "ref", split)
-    assert not list(out.glob(".*.tmp"))
+    assert not leftovers(out)
 
 
 def test_truncated_file_and_limit(tmp_path):

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pipeline.config import DiffusionConfig
 from pipeline.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood, linear_beta_schedule
 
 T = 1000
@@ -29,6 +30,13 @@ def test_bad_types_are_rejected():
         GaussianDiffusion(linear_beta_schedule(), mean_type="v")
     with pytest.raises(ValueError, match="var_type"):
         GaussianDiffusion(linear_beta_schedule(), var_type="learned_range")
+
+
+def test_defaults_are_the_recipe_schemas():
+    """GaussianDiffusion(betas) is the diffusion of a recipe that sets nothing (sigma_t^2 = beta_t)."""
+    d, cfg = GaussianDiffusion(linear_beta_schedule()), DiffusionConfig()
+    assert (d.mean_type, d.var_type, d.loss_type) == (cfg.mean_type, cfg.var_type, cfg.loss_type)
+    assert d.var_type == "fixed_large"
 
 
 def test_q_sample_moments_match_eq4():

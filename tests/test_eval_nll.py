@@ -2,37 +2,26 @@
 read exactly once over processes; a (briefly) trained model beats the uniform 8 bits/dim."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from eval.common import load_model
 from eval.nll import iter_float, run_nll
-from eval.testing import make_checkpoint, make_shards, oracle_bpd, oracle_factory, tiny_recipe
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
-
-
-def _cli(*args, launcher=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [*(launcher or [PY, "-m"]), "eval", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+from pipeline.config import save_recipe
+from support.cli import PY, run_eval
+from support.folder_shards import make_folder_shards
+from support.model import make_checkpoint, tiny_recipe
+from support.oracle import oracle_bpd, oracle_factory
 
 
 @pytest.fixture(scope="module")
 def one_image(tmp_path_factory):
     """Shards whose test split is one image, with a non-trivial picture (edge bins included)."""
-    return make_shards(tmp_path_factory.mktemp("one") / "data", n=6, size=8, test_count=1, smooth=False)
+    return make_folder_shards(tmp_path_factory.mktemp("one") / "data", n=6, size=8, test_count=1, smooth=False)
 
 
 def _oracle_dir(tmp_path, shards, var_type):
-    from pipeline.config import save_recipe
-
     d = tmp_path / f"oracle-{var_type}"
     d.mkdir()
     save_recipe(tiny_recipe(timesteps=1000, shards=str(shards), var_type=var_type), d / "config.yaml")
@@ -43,7 +32,7 @@ def _oracle_dir(tmp_path, shards, var_type):
 def test_oracle_nll_through_the_cli_matches_the_closed_form(tmp_path, one_image, var_type):
     src = _oracle_dir(tmp_path, one_image, var_type)
     out = tmp_path / "out"
-    r = _cli("nll", src, "--out", out, "--model-factory", "eval.testing:oracle_factory", "--t-batch", 250)
+    r = run_eval("nll", src, "--out", out, "--model-factory", "support.oracle:oracle_factory", "--t-batch", 250)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     m, proto = res["evaluations"]["nll"]["metrics"], res["evaluations"]["nll"]["protocol"]
@@ -65,7 +54,7 @@ def test_oracle_nll_through_the_cli_matches_the_closed_form(tmp_path, one_image,
 
 
 def test_nll_reads_every_test_image_once_and_reports_terms(tmp_path):
-    shards = make_shards(tmp_path / "d", n=10, size=8, test_count=5)
+    shards = make_folder_shards(tmp_path / "d", n=10, size=8, test_count=5)
     loaded = load_model(str(make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards)))))
     m = run_nll(loaded, str(shards), batch_size=2, t_batch=7, progress=False)
     assert m["num_images"] == 5
@@ -80,16 +69,16 @@ def test_nll_reads_every_test_image_once_and_reports_terms(tmp_path):
 
 def test_nll_cli_bad_input_is_one_line(tmp_path):
     ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(tmp_path / "missing")))
-    r = _cli("nll", ck, "--out", tmp_path / "o")
+    r = run_eval("nll", ck, "--out", tmp_path / "o")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "manifest.json" in r.stderr
 
 
 @pytest.mark.slow
 def test_nll_two_processes_cover_the_split_once(tmp_path):
-    shards = make_shards(tmp_path / "d", n=12, size=8, test_count=5)
+    shards = make_folder_shards(tmp_path / "d", n=12, size=8, test_count=5)
     ck = make_checkpoint(tmp_path / "ck", tiny_recipe(shards=str(shards)))
     launcher = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m"]
-    r = _cli("nll", ck, "--out", tmp_path / "o2", "--batch-size", 2, launcher=launcher)
+    r = run_eval("nll", ck, "--out", tmp_path / "o2", "--batch-size", 2, launcher=launcher)
     assert r.returncode == 0, r.stderr[-3000:]
     m2 = json.loads((tmp_path / "o2" / "results.json").read_text())["evaluations"]["nll"]
     assert m2["metrics"]["num_images"] == 5 and m2["protocol"]["processes"] == 2
@@ -100,13 +89,11 @@ def test_nll_two_processes_cover_the_split_once(tmp_path):
 
 @pytest.mark.slow
 def test_briefly_trained_model_beats_uniform_8_bits(tmp_path):
-    shards = make_shards(tmp_path / "d", n=40, size=8, test_count=4)
+    shards = make_folder_shards(tmp_path / "d", n=40, size=8, test_count=4)
     recipe = tiny_recipe(timesteps=1000, shards=str(shards))
     ck = make_checkpoint(tmp_path / "ck", recipe)
     loaded = load_model(str(ck))
     model, d = loaded.model.train().requires_grad_(True), loaded.diffusion
-    from eval.nll import iter_float
-
     x = torch.cat(list(iter_float(str(shards), "train", 64)))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)

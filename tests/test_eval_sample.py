@@ -1,31 +1,19 @@
 """eval sample: per-sample seeds (batch size / world size invariance), chunked resume, labels."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from eval.common import load_model
 from eval.sample import SampleChunks, load_samples, run_sampling
-from eval.testing import make_checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
+from support.cli import PY, run_eval
+from support.model import make_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ck") / "step-00000001")
-
-
-def _cli(*args, env=None, launcher=()):
-    e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([*launcher, *([] if launcher else [PY]), "-m", "eval", *map(str, args)],
-                          cwd=ROOT, env=e, capture_output=True, text=True, timeout=600)
 
 
 def test_samples_do_not_depend_on_batch_size(ckpt, tmp_path):
@@ -67,7 +55,7 @@ def test_interrupted_job_resumes_without_redoing_chunks(ckpt, tmp_path):
 
 def test_cli_sample_ddim_is_labelled_and_protocol_mismatch_refused(ckpt, tmp_path):
     out = tmp_path / "ddim"
-    r = _cli("sample", ckpt, "--out", out, "--num-samples", 4, "--sampler", "ddim", "--steps", 5)
+    r = run_eval("sample", ckpt, "--out", out, "--num-samples", 4, "--sampler", "ddim", "--steps", 5)
     assert r.returncode == 0, r.stderr
     assert "beyond the paper" in r.stdout
     proto = json.loads((out / "samples.json").read_text())["protocol"]
@@ -75,11 +63,11 @@ def test_cli_sample_ddim_is_labelled_and_protocol_mismatch_refused(ckpt, tmp_pat
     assert "beyond the paper" in proto["note"]
     assert (out / "grid.png").is_file()
     # the same directory with another sampler: one clear line, exit 2, no traceback
-    r = _cli("sample", ckpt, "--out", out, "--num-samples", 4)
+    r = run_eval("sample", ckpt, "--out", out, "--num-samples", 4)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "sampler" in r.stderr
     # a missing checkpoint is also one line
-    r = _cli("sample", tmp_path / "nope", "--out", tmp_path / "x")
+    r = run_eval("sample", tmp_path / "nope", "--out", tmp_path / "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr
 
 
@@ -97,14 +85,12 @@ def test_bf16_autocast_runs_and_is_recorded(ckpt, tmp_path):
 @pytest.mark.slow
 def test_two_processes_give_the_same_samples_as_one(ckpt, tmp_path):
     one = tmp_path / "one"
-    r = _cli("sample", ckpt, "--out", one, "--num-samples", 9, "--batch-size", 2, "--chunk-size", 2)
+    r = run_eval("sample", ckpt, "--out", one, "--num-samples", 9, "--batch-size", 2, "--chunk-size", 2)
     assert r.returncode == 0, r.stderr
     two = tmp_path / "two"
     launcher = (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m")
-    e = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([*launcher, "eval", "sample", str(ckpt), "--out", str(two), "--num-samples", "9",
-                        "--batch-size", "3", "--chunk-size", "2"], cwd=ROOT, env=e, capture_output=True,
-                       text=True, timeout=600)
+    r = run_eval("sample", ckpt, "--out", two, "--num-samples", 9, "--batch-size", 3, "--chunk-size", 2,
+                 launcher=launcher)
     assert r.returncode == 0, r.stderr[-3000:]
     np.testing.assert_array_equal(load_samples(one), load_samples(two))
     info = json.loads((two / "samples.json").read_text())

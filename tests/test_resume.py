@@ -15,8 +15,10 @@ import psutil
 import pytest
 
 from pipeline import checkpoint as ck
-from pipeline.trainer import EXIT_REQUEUE, KILL_IN_SAVE_ENV
+from pipeline.hub import load_pretrained
+from pipeline.train import EXIT_REQUEUE
 from support.training import (
+    HOOKS_SCRIPT,
     assert_bitwise_equal,
     assert_same_trajectory,
     make_tiny_shards,
@@ -109,16 +111,14 @@ def test_sigkill_inside_checkpoint_write_keeps_previous_usable(setup, tmp_path):
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, run_dir, model=dropout(1),
                           train={"max_steps": MAX_STEPS, "checkpoint_every": 3})
-    cmd, env = train_cmd(recipe, procs=1)
-    env[KILL_IN_SAVE_ENV] = "6"  # die after the weights of step 6 are written, before it is whole
+    # die after the weights of step 6 are written, before it is whole
+    cmd, env = train_cmd(recipe, procs=1, script=(HOOKS_SCRIPT, "--kill-in-save", "6"))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     leftovers = [p.name for p in (run_dir / "checkpoints").iterdir()]
     assert ".tmp-step-00000006" in leftovers and "step-00000006" not in leftovers
     assert ck.latest_checkpoint(run_dir).name == "step-00000003"
     # The hub / eval side reads the same pointer and gets the complete one.
-    from pipeline.hub import load_pretrained
-
     assert load_pretrained(run_dir).model is not None
     r = run_train(recipe)
     assert r.returncode == 0, r.stderr[-3000:]

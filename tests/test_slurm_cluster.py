@@ -24,6 +24,11 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
+
+from pipeline.checkpoint import latest_checkpoint
+from pipeline.config import load_recipe
+from support.datasets import make_shards
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +57,6 @@ def slurm_env():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from support.datasets import make_shards
-
     d = tmp_path_factory.mktemp("slurm")
     make_shards(d / "shards", n_train=32, n_test=4)
     return d
@@ -110,15 +113,11 @@ def wait_done(env, job_id: str, job_dir: Path, timeout: float = 300) -> dict:
 
 
 def latest_step(run: Path) -> int:
-    from pipeline.checkpoint import latest_checkpoint
-
     ckpt = latest_checkpoint(run)
     return int(ckpt.name.split("-")[1]) if ckpt else -1
 
 
 def final_weights(run: Path) -> dict:
-    from safetensors.torch import load_file
-
     ckpt = run / "checkpoints" / f"step-{STEPS:08d}"
     return {f: load_file(str(ckpt / f)) for f in ("model.safetensors", "ema.safetensors")}
 
@@ -146,8 +145,6 @@ def test_training_job_finishes_with_checkpoint(reference):
     assert info["Restarts"] == "0"
     assert latest_step(run) == STEPS
     # The job folder: resolved recipe, the launch command, submitit's logs and result.
-    from pipeline.config import load_recipe
-
     assert load_recipe(job_dir / "recipe.yaml").train.max_steps == STEPS
     launch = (job_dir / f"{job_id}_node0_launch.sh").read_text()
     assert "--num_processes 2" in launch and "--multi_gpu" in launch and "pipeline/train.py" in launch or \
@@ -208,7 +205,7 @@ def test_impossible_request_is_a_clear_error(slurm_env, workdir, extra, reason):
            *overrides(workdir, "impossible"), *extra]
     r = subprocess.run(cmd, cwd=workdir, env=slurm_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
-    line = [ln for ln in r.stderr.splitlines() if ln.startswith("slurm.submit: error:")]
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and "Slurm refused the job" in line[0] and reason in line[0].lower(), r.stderr
     assert "Traceback" not in r.stderr
     assert not (workdir / "impossible" / "slurm").exists() or not any((workdir / "impossible" / "slurm").iterdir())

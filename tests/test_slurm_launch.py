@@ -29,6 +29,7 @@ from slurm.launch import (
 )
 from slurm.submit import SubmitError, parse_time
 from slurm.submit import main as submit_main
+from support.datasets import make_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,8 +218,6 @@ def test_bad_environment_is_reported(change, message):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from support.datasets import make_shards
-
     return make_shards(tmp_path_factory.mktemp("slurm-cli") / "shards", n_train=8, n_test=2)
 
 
@@ -302,7 +301,7 @@ def test_requeue_count_persists_in_the_job_folder(tmp_path):
     assert record_requeue(str(tmp_path), "timeout", "7") == 2
     state = json.loads((tmp_path / "requeues.json").read_text())
     assert [e["kind"] for e in state["events"]] == ["preemption", "timeout"]
-    assert not list(tmp_path.glob(".*tmp"))
+    assert [f.name for f in tmp_path.iterdir()] == ["requeues.json"]  # no temporary file left
 
 
 def test_signal_tree_reaches_grandchildren_in_other_sessions(tmp_path):

@@ -10,13 +10,19 @@ import subprocess
 
 import pytest
 import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+from PIL import Image
 
-from pipeline import build
+from pipeline import atomic, build
 from pipeline import checkpoint as ck
 from pipeline.config import RecipeError, load_recipe
 from pipeline.diffusion import draw_t_and_noise
 from pipeline.ema import EMA
-from pipeline.trainer import EXIT_OK, Fault, NonFiniteLossError, batch_layout, learning_rate, train
+from pipeline.train import EXIT_OK
+from pipeline.trainer import Hooks, NonFiniteLossError, batch_layout, learning_rate, train
+from pipeline.unet import UNet
 from support.training import PY, ROOT, make_tiny_shards, weights, write_recipe
 
 
@@ -25,19 +31,21 @@ def shards(tmp_path_factory):
     return make_tiny_shards(tmp_path_factory.mktemp("shards") / "s")
 
 
-@pytest.fixture
-def fresh_accelerate():
+def reset_accelerate():
     """Accelerate keeps process-wide singletons; each in-process run starts clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
 
 
-def run_inproc(tmp_path, shards, fault=None, **sections):
+@pytest.fixture
+def fresh_accelerate():
+    yield
+    reset_accelerate()
+
+
+def run_inproc(tmp_path, shards, hooks=None, **sections):
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", **sections))
-    return train(recipe, fault=fault), tmp_path / "run"
+    return train(recipe, hooks=hooks), tmp_path / "run"
 
 
 # ------------------------------------------------------------------ pure pieces
@@ -117,7 +125,7 @@ def _fake_ckpt(run, step, complete=True):
     tmp = ck.begin(run, step)
     (tmp / "x").write_text("w")
     if complete:
-        ck.write_json_atomic(tmp / ck.STATE_FILE, {"step": step})
+        atomic.write_json(tmp / ck.STATE_FILE, {"step": step})
         return ck.commit(run, tmp, step, keep=2)
     return tmp
 
@@ -144,7 +152,7 @@ def test_half_written_checkpoints_are_never_used(tmp_path):
         ck.commit(run, run / "checkpoints" / ".tmp-step-00000020", 20, keep=2)
     # Renamed into place but killed before `latest` moved: the newer complete one still wins.
     tmp = ck.begin(run, 30)
-    ck.write_json_atomic(tmp / ck.STATE_FILE, {"step": 30})
+    atomic.write_json(tmp / ck.STATE_FILE, {"step": 30})
     tmp.rename(run / "checkpoints" / "step-00000030")
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-00000010"
     assert ck.latest_checkpoint(run).name == "step-00000030"
@@ -196,8 +204,6 @@ def test_dry_run_prints_resolved_recipe(tmp_path, shards):
     recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run")
     r = _cli(str(recipe), "train.lr=3e-4", "--dry-run")
     assert r.returncode == 0, r.stderr
-    import yaml
-
     assert yaml.safe_load(r.stdout)["train"]["lr"] == 3e-4
     assert not (tmp_path / "run").exists()
 
@@ -222,14 +228,10 @@ def test_run_writes_layout_and_finite_weights(tmp_path, shards, fresh_accelerate
     state = json.loads((c / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["data"]["position"] == 16 and state["samples_seen"] == 16
     assert load_recipe(c / "config.yaml").train.max_steps == 4 and (run / "config.yaml").is_file()
-    from pipeline.unet import UNet
-
     net = UNet(**load_recipe(c / "config.yaml").model.unet_kwargs())
     net.load_state_dict(weights(c, "ema.safetensors"))  # EMA keys are the UNet's own keys
     assert all(torch.isfinite(v).all() for v in weights(c).values())
     assert ck.read_trainer_state(c)["ema_sha256_by_rank"] == [EMA(net, 0.9).digest()]
-    from PIL import Image
-
     img = Image.open(run / "samples" / "step-00000004.png")
     assert img.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 grid of 16x16 with 2-px padding
     assert list((run / "logs").rglob("events.out.tfevents.*"))
@@ -243,7 +245,7 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, shards, fresh_accelerate):
         seen.append(step)
         return loss * float("nan") if step in nan_steps else loss
 
-    code, run = run_inproc(tmp_path, shards, fault=Fault(loss=poison),
+    code, run = run_inproc(tmp_path, shards, hooks=Hooks(loss=poison),
                            train={"max_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 10})
     assert code == EXIT_OK and seen == [0, 1, 2, 3]
     cks = {c.name: c for c in ck.list_checkpoints(run)}
@@ -260,7 +262,7 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, shards, fresh_accelerate):
 
 def test_too_many_nonfinite_losses_stop(tmp_path, shards, fresh_accelerate):
     with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
-        run_inproc(tmp_path, shards, fault=Fault(loss=lambda step, loss: loss * math.inf),
+        run_inproc(tmp_path, shards, hooks=Hooks(loss=lambda step, loss: loss * math.inf),
                    train={"max_steps": 6, "max_nonfinite": 3})
 
 
@@ -286,15 +288,10 @@ def test_init_from_checkpoint_for_finetuning(tmp_path, shards, fresh_accelerate)
 def test_mixed_precision_steps_follow_fp32(tmp_path, shards, fresh_accelerate, precision):
     """A few bf16 steps on CPU (autocast): finite, no skipped step, and the weights move
     the way the float32 run moves them (closer to its weights than to where both started)."""
-    from accelerate.utils import set_seed
-
     steps = {"max_steps": 3, "checkpoint_every": 3, "lr": 1e-2}
     (tmp_path / "ref").mkdir()
     code, ref = run_inproc(tmp_path / "ref", shards, train=steps)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     code, run = run_inproc(tmp_path, shards, train={**steps, "mixed_precision": precision})
     assert code == EXIT_OK
     c = ck.latest_checkpoint(run)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ck
+from pipeline.config import load_recipe
 from pipeline.hardware import precision_problem
+from pipeline.unet import UNet
 from support.training import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -22,9 +24,6 @@ STEPS = 4
 
 def ema_digest(ckpt) -> str:
     """EMA.digest() of the saved ema.safetensors (same name order: the model's parameters)."""
-    from pipeline.config import load_recipe
-    from pipeline.unet import UNet
-
     names = [n for n, _ in UNet(**load_recipe(ckpt / "config.yaml").model.unet_kwargs()).named_parameters()]
     ema = weights(ckpt, "ema.safetensors")
     h = hashlib.sha256()

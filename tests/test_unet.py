@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from pipeline.unet import PRESETS, UNet, build_unet, count_params, timestep_embedding
+from pipeline.presets import PRESETS
+from pipeline.unet import AttnBlock, UNet, build_unet, timestep_embedding
 
-# Appendix B / the original code's counts (DESIGN.md): within 0.1%.
+# Appendix B / the original code's counts: within 0.1%.
 PAPER_PARAMS = {"cifar10": 35.75e6, "celebahq256": 113.67e6, "lsun256": 113.67e6,
                 "lsun256_large": 255.68e6}
 
@@ -16,7 +17,7 @@ PAPER_PARAMS = {"cifar10": 35.75e6, "celebahq256": 113.67e6, "lsun256": 113.67e6
 def test_preset_parameter_counts(name):
     with torch.device("meta"):  # no memory, no init cost
         net = build_unet(name)
-    n = count_params(net)
+    n = sum(p.numel() for p in net.parameters())
     assert abs(n - PAPER_PARAMS[name]) / PAPER_PARAMS[name] < 1e-3, (name, n)
     if name == "cifar10":
         assert n == 35_746_307  # the original TF model, exactly
@@ -42,8 +43,6 @@ def test_forward_shapes_and_near_zero_init(tiny_unet):
 
 def test_attention_only_at_the_chosen_resolutions():
     net = UNet(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,))
-    from pipeline.unet import AttnBlock
-
     down = [[isinstance(a, AttnBlock) for a in level.attn] for level in net.down]
     up = [[isinstance(a, AttnBlock) for a in level.attn] for level in net.up]
     assert down == [[False, False], [True, True], [False, False]]

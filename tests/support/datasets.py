@@ -18,8 +18,12 @@ import io
 import pickle
 from pathlib import Path
 
+import lmdb
 import numpy as np
 from PIL import Image
+
+from data_prep.shards import prepare
+from data_prep.sources import Cifar10Source
 
 CORRUPT_KEY = "0" * 40  # an LSUN key whose value is not an image
 SMALL_KEY = "f" * 40  # an LSUN key whose image is smaller than the target size
@@ -65,8 +69,6 @@ def cifar_image(batches_dir, name: str, index: int) -> np.ndarray:
 def make_lsun_lmdb(path, n: int = 8, size: int = 32, seed: int = 0) -> dict[str, bytes]:
     """LSUN-layout LMDB at `path`: n landscape/portrait images (WebP and JPEG alternating, sides
     size..1.5*size), one corrupt value and one too-small image. Returns {key: value}."""
-    import lmdb
-
     rng = np.random.default_rng(seed)
     values = {}
     for i in range(n):
@@ -101,9 +103,6 @@ def make_image_folder(dir, n: int = 6, size: int = 32, seed: int = 0) -> list[Pa
 
 def make_shards(out, n_train: int = 16, n_test: int = 4, seed: int = 0, shard_size: int = 5, **kw) -> Path:
     """CIFAR-like 32x32 shards (+ manifest.json) in `out`, made by data_prep itself."""
-    from data_prep.shards import prepare
-    from data_prep.sources import Cifar10Source
-
     out = Path(out)
     src = make_cifar10_batches(out.parent / f"{out.name}-batches", n_train, n_test, seed)
     prepare(Cifar10Source(src), out, resolution=kw.pop("resolution", 32), shard_size=shard_size,

@@ -7,8 +7,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from support.datasets import make_shards
 from support.model import TINY_UNET
@@ -16,6 +19,9 @@ from support.model import TINY_UNET
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
 ACCELERATE = str(Path(PY).with_name("accelerate"))
+TRAIN_SCRIPT = str(ROOT / "pipeline" / "train.py")
+# pipeline/train.py with test hooks (SIGKILL inside a checkpoint save): see that file.
+HOOKS_SCRIPT = str(Path(__file__).with_name("train_with_hooks.py"))
 
 # Tiny and fast on 2 loaded CPU cores: 16x16 images, ch 32, one res block per level.
 TINY_RECIPE = {
@@ -59,17 +65,18 @@ def env(**extra) -> dict:
     return e
 
 
-def train_cmd(recipe: Path, *overrides: str, procs: int = 1, deepspeed: bool = False) -> tuple[list, dict]:
-    """The command line (and environment) of a training launch on CPU."""
+def train_cmd(recipe: Path, *overrides: str, procs: int = 1, deepspeed: bool = False,
+              script: Sequence[str] = (TRAIN_SCRIPT,)) -> tuple[list, dict]:
+    """The command line (and environment) of a training launch on CPU. `script`: the program and
+    its own arguments, e.g. (HOOKS_SCRIPT, "--kill-in-save", "6")."""
     if procs == 1 and not deepspeed:
-        return [PY, str(ROOT / "pipeline" / "train.py"), str(recipe), *overrides], env()
+        return [PY, *script, str(recipe), *overrides], env()
     if deepspeed:
         cfg, e = ROOT / "recipes/accelerate/deepspeed_zero2.yaml", env()  # no ACCELERATE_USE_CPU
     else:
         cfg, e = ROOT / "recipes/accelerate/cpu_2proc.yaml", env(ACCELERATE_USE_CPU=1)
     return [ACCELERATE, "launch", "--config_file", str(cfg), "--num_processes", str(procs),
-            "--main_process_port", str(free_port()), str(ROOT / "pipeline" / "train.py"),
-            str(recipe), *overrides], e
+            "--main_process_port", str(free_port()), *script, str(recipe), *overrides], e
 
 
 def run_train(recipe: Path, *overrides: str, procs: int = 1, deepspeed: bool = False,
@@ -79,14 +86,10 @@ def run_train(recipe: Path, *overrides: str, procs: int = 1, deepspeed: bool = F
 
 
 def weights(ckpt: Path, name: str = "model.safetensors") -> dict:
-    from safetensors.torch import load_file
-
     return load_file(str(ckpt / name))
 
 
 def assert_bitwise_equal(a: dict, b: dict) -> None:
-    import torch
-
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs: max |diff| {(a[k] - b[k]).abs().max().item()}"
@@ -98,8 +101,6 @@ def assert_same_trajectory(a: dict, b: dict, start: dict, frac: float = 0.05) ->
     Adam divides by sqrt(v): reduction-order noise in near-zero gradients can move a weight by
     up to ~lr, so a fixed tolerance is either loose or flaky. Measure against how far the
     weights moved instead: another trajectory (other data, noise or step) differs by ~moved."""
-    import torch
-
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     moved = max((b[k] - start[k]).abs().max().item() for k in a)
     assert diff < frac * moved, f"max |a - b| = {diff:.3g} vs max move {moved:.3g}"
