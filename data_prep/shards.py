@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_prep.preprocess import DEFAULT_FORMAT, PNG_LEVEL, TooSmall, center_crop_resize, encode, process_bytes
 from data_prep.sources import PrepError
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import atomic_path, remove_temporaries, write_json
 
 TOOL = "ddpm-pipeline data_prep 1"
 SPLITS = ("train", "test")
@@ -76,13 +76,6 @@ def plan_digest(plan, options: dict) -> str:
 def write_record(path: Path, obj) -> None:
     """plan.json, a shard's record, manifest.json: fsynced, since each one vouches for finished work."""
     write_json(path, obj, fsync=True, indent=1)
-
-
-def remove_partial_files(out: Path) -> None:
-    """Delete what a killed run left half-written (pipeline.atomic's `.NAME.tmp-PID...` files)."""
-    for d in (out, out / ".prep"):
-        for f in d.glob(".*.tmp-*"):
-            f.unlink(missing_ok=True)
 
 
 # -- workers -----------------------------------------------------------------------------------
@@ -167,7 +160,8 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
                   file=sys.stderr)
         return done
     (out / ".prep").mkdir(exist_ok=True)
-    remove_partial_files(out)
+    for d in (out, out / ".prep"):  # what a killed run left half-written
+        remove_temporaries(d)
     write_record(out / ".prep" / "plan.json", {**describe, "plan_digest": digest})
 
     def record(name):

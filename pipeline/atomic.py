@@ -42,6 +42,14 @@ def atomic_path(path: str | os.PathLike, fsync: bool = False) -> Iterator[Path]:
             tmp.unlink()
 
 
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Delete the temporary files that writers killed mid-write left in `folder` (run this
+    before writing there again: each writer's temporary name holds its process id)."""
+    for f in Path(folder).glob(".*.tmp-*"):
+        if f.is_file():
+            f.unlink(missing_ok=True)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes, fsync: bool = False) -> None:
     with atomic_path(path, fsync) as tmp:
         tmp.write_bytes(data)

@@ -34,11 +34,6 @@ log = logging.getLogger(__name__)
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 STATE_FILE = "trainer_state.json"
 
-# A training process's exit codes, as launchers read them (slurm/job.py requeues on 75): a stop
-# signal saves a checkpoint of the current step and exits EXIT_REQUEUE, so relaunching resumes.
-EXIT_OK = 0
-EXIT_REQUEUE = 75  # EX_TEMPFAIL
-
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
@@ -197,8 +192,7 @@ def clean_stale(run_dir: str | os.PathLike) -> None:
     if d.is_dir():
         for p in list(d.glob(".tmp-*")) + list(d.glob(".trash-*")):
             shutil.rmtree(p, ignore_errors=True)
-        for p in d.glob(".latest.tmp-*"):
-            p.unlink(missing_ok=True)
+        atomic.remove_temporaries(d)
 
 
 def _discard(path: Path) -> None:

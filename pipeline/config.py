@@ -14,6 +14,7 @@ import difflib
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -202,24 +203,11 @@ def _closest(name: str, choices: typing.Iterable[str], prefix: str) -> str:
     return f" (did you mean '{prefix}{match[0]}'?)" if match else ""
 
 
-# Keys removed because nothing read them (the hub section went with `eval push` taking its
-# settings on the command line). Every checkpoint saved before has them in its config.yaml
-# (save_recipe writes every key) at these defaults: at their default they are accepted and
-# ignored, so old checkpoints still load; any other value is an unknown key, like a key we never had.
-RETIRED = {"data.split": "train", "hub.repo_id": None, "hub.private": False, "hub.revision": None,
-           "hub.format": "native", "hub.push_after_eval": False}
-
-
-def _retired(key: str, value: Any, source: str) -> bool:
-    """True for a retired key at its old default, or a retired section holding only such keys."""
-    if key in RETIRED:
-        return value == RETIRED[key]
-    if not any(k.startswith(f"{key}.") for k in RETIRED) or not isinstance(value, (dict, type(None))):
-        return False  # not a retired section: an unknown key
-    for sub, v in (value or {}).items():
-        if not _retired(f"{key}.{sub}", v, source):
-            raise RecipeError(f"{source}: unknown key '{key}.{sub}'")
-    return True
+# Keys and sections removed because nothing read them. Every config.yaml saved before (run
+# directories, pushed Hub repos) holds them, since save_recipe writes every key, so they are
+# ignored with a warning whatever their value, and old checkpoints still load.
+RETIRED = {"data.split": "the loader always reads the train split",
+           "hub": "push with `python -m eval push SRC --repo-id NAMESPACE/NAME`"}
 
 
 def _build(cls, d: Any, source: str, prefix: str):
@@ -232,7 +220,9 @@ def _build(cls, d: Any, source: str, prefix: str):
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in d.items():
-        if key not in fields and _retired(f"{prefix}{key}", value, source):
+        if f"{prefix}{key}" in RETIRED:
+            warnings.warn(f"{source}: '{prefix}{key}' is no longer used ({RETIRED[prefix + key]}); ignored",
+                          stacklevel=2)
             continue
         if key not in fields:
             raise RecipeError(

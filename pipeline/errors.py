@@ -1,4 +1,4 @@
-"""User errors: one base class, one line on stderr, exit code 2.
+"""Exit codes and user errors: one base class, one line on stderr, exit code 2.
 
 Every error that a user can fix (a recipe, a path, an argument, a damaged input file) derives
 from `UserError`; the four command-line programs run through `run_cli`, which prints such an
@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+# The programs' exit codes, as launchers read them (slurm/job.py requeues on EXIT_REQUEUE).
+EXIT_OK = 0
 EXIT_USER_ERROR = 2
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: training saved a checkpoint after a stop signal; relaunch to resume
 
 
 class UserError(Exception):

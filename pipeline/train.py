@@ -19,9 +19,8 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/train.py` runs this
 
 import yaml
 
-from pipeline.checkpoint import EXIT_OK, EXIT_REQUEUE
 from pipeline.config import check_paths, load_recipe
-from pipeline.errors import UserError, run_cli
+from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError, run_cli
 
 __all__ = ["EXIT_OK", "EXIT_REQUEUE", "main", "parse_args"]
 

@@ -34,21 +34,20 @@ from typing import Callable, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from pipeline import build, checkpoint
 from pipeline.atomic import atomic_path
-from pipeline.checkpoint import EXIT_OK, EXIT_REQUEUE
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
 from pipeline.diffusion import GaussianDiffusion, draw_t_and_noise
 from pipeline.ema import EMA
-from pipeline.errors import UserError
+from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError
 from pipeline.hardware import precision_problem
 from pipeline.hub import load_pretrained
 from pipeline.rng import STREAM_DROPOUT, STREAM_SAMPLE_GRID, mix_seed, stream_generators
 from pipeline.unet import UNet
+from pipeline.weights import load_state_dict
 
 TORCH_EXTENSIONS_DIR = Path.home() / ".cache" / "ddpm-pipeline" / "torch_extensions"
 
@@ -229,7 +228,7 @@ def load_init_weights(src: str) -> dict:
     if p.is_file():
         if p.suffix != ".safetensors":
             raise RecipeError(f"train.init_from: {src}: expected a .safetensors file")
-        return load_file(str(p))
+        return load_state_dict(p)
     if p.is_dir():
         if (p / "checkpoints").is_dir():
             found = checkpoint.latest_checkpoint(p)
@@ -238,7 +237,7 @@ def load_init_weights(src: str) -> dict:
             p = found
         for name in ("ema.safetensors", "model.safetensors"):
             if (p / name).is_file():
-                return load_file(str(p / name))
+                return load_state_dict(p / name)
         raise RecipeError(f"train.init_from: {src}: no ema.safetensors or model.safetensors there")
     return load_pretrained(src).model.state_dict()
 

@@ -32,9 +32,8 @@ import submitit
 
 from pipeline.atomic import write_json
 from pipeline.checkpoint import latest_checkpoint
+from pipeline.errors import EXIT_REQUEUE
 from slurm.launch import format_command, launch_command, node_launch_from_env
-
-EXIT_REQUEUE = 75  # pipeline.train.EXIT_REQUEUE (EX_TEMPFAIL); also this task's exit when interrupted
 
 
 class _TrainingFinished(BaseException):

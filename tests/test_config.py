@@ -70,10 +70,6 @@ def test_overrides_are_typed():
         ("", ["lr=1"], "must be section.key"),
         ("", ["train.learning_rate=1e-4"], "unknown key 'train.learning_rate' (did you mean 'train.lr'?)"),
         ("", ["train.ema_decay=1.5"], "train.ema_decay: must be in [0, 1)"),
-        # removed keys (nothing read them): a recipe that sets one is told so
-        ("data:\n  split: test\n", [], "unknown key 'data.split'"),
-        ("", ["hub.push_after_eval=true"], "unknown key 'hub.push_after_eval'"),
-        ("", ["hub.repo_id=me/tiny"], "unknown key 'hub.repo_id'"),
     ],
 )
 def test_bad_recipes_name_file_and_key(tmp_path, text, overrides, expected):
@@ -103,12 +99,18 @@ def test_saved_recipe_is_plain_yaml(tmp_path):
 
 
 def test_checkpoints_saved_with_the_removed_keys_still_load():
-    """save_recipe wrote every key, so older config.yaml files hold data.split and the hub section
-    at their defaults: they load, and mean what they meant."""
+    """save_recipe wrote every key, so older config.yaml files (run directories, pushed Hub repos)
+    hold data.split and the hub section, with whatever values the recipe set: they load, mean
+    what they meant, and a warning says the keys are ignored."""
     d = load_recipe(ROOT / "recipes/cifar10.yaml").to_dict()
     d["data"]["split"] = "train"
-    d["hub"] = {"repo_id": None, "private": False, "revision": None, "format": "native", "push_after_eval": False}
-    assert Recipe.from_dict(d) == load_recipe(ROOT / "recipes/cifar10.yaml")
+    d["hub"] = {"repo_id": "alice/ddpm", "private": True, "revision": None, "format": "native",
+                "push_after_eval": True}
+    with pytest.warns(UserWarning) as caught:
+        assert Recipe.from_dict(d, source="old/config.yaml") == load_recipe(ROOT / "recipes/cifar10.yaml")
+    messages = [str(w.message) for w in caught]
+    assert any("old/config.yaml: 'data.split' is no longer used" in m for m in messages)
+    assert any("'hub' is no longer used" in m and "eval push" in m for m in messages)
 
 
 def test_schema_imports_without_torch():

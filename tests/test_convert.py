@@ -12,7 +12,8 @@ from pipeline.convert import (
     to_diffusers,
     unet_kwargs_from_diffusers,
 )
-from pipeline.unet import PRESETS, UNet
+from pipeline.presets import PRESETS
+from pipeline.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -14,8 +14,10 @@ from eval.results import write_result
 from pipeline import build
 from pipeline.config import Recipe, save_recipe
 from pipeline.weights import weights_sha256
+from support.model import TINY_UNET
 
-TINY = {"resolution": 8, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [4], "dropout": 0.0}
+# The tiny U-Net at 8x8 (attention at 4x4): small Hub repos.
+TINY = dict(TINY_UNET, resolution=8, attn_resolutions=(4,))
 
 
 def make_run(root: Path, seed: int = 0, step: int = 40, results: bool = True) -> Path:
