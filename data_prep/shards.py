@@ -99,7 +99,7 @@ def _work(task):
         return key, process_bytes(raw, _W["res"], _W["fmt"], _W["q"], _W["up"], _W["lvl"]), None
     except TooSmall as e:
         return key, None, str(e)
-    except Exception as e:
+    except Exception as e:  # a corrupt input never stops the run; it is recorded
         msg = re.sub(r" <[^>]* at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__  # no memory addresses
         kind = "truncated file" if "truncated" in msg.lower() else "undecodable bytes"
         return key, None, f"{kind}: {type(e).__name__}: {msg}"

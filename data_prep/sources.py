@@ -134,7 +134,7 @@ class Cifar10Source:
             with open(self.path / name, "rb") as f:
                 d = pickle.load(f, encoding="bytes")
             data = np.asarray(d[b"data"], dtype=np.uint8)
-        except Exception as e:
+        except Exception as e:  # any unreadable pickle is a user error here
             raise PrepError(f"{self.path / name}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
         if data.ndim != 2 or data.shape[1] != 3072:
             raise PrepError(f"{self.path / name}: data has shape {data.shape}, expected [N, 3072]")

@@ -225,7 +225,7 @@ def commit_with_retries(api: HfApi, repo_id: str, operations: list, *, message: 
         try:
             return api.create_commit(repo_id, operations, commit_message=message, commit_description=description,
                                      revision=revision, parent_commit=parent)
-        except Exception as e:
+        except Exception as e:  # sorted below
             # A conflict after a lost reply is our own commit having landed (or another push):
             # look at the branch before deciding.
             conflict = isinstance(e, HfHubHTTPError) and getattr(e.response, "status_code", None) in (409, 412)

@@ -237,7 +237,7 @@ class _Batches(torch.utils.data.Dataset):
                 imgs.append(x)
             except DataError:
                 raise
-            except Exception as e:
+            except Exception as e:  # any undecodable sample is skipped and reported
                 imgs.append(None)
                 bad.append((path, self.shards.key(i), f"{type(e).__name__}: {e}"))
         good = [k for k, x in enumerate(imgs) if x is not None]
