@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ def resolve(value: Any, recipe, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="run directory (newest checkpoint), checkpoint directory, "
-                   ".safetensors file (config.yaml beside it) or Hub repo id namespace/name")
+def add_model_args(p: argparse.ArgumentParser, optional_src: bool = False) -> None:
+    p.add_argument("src", nargs="?" if optional_src else None, default=None,
+                   help="run directory (newest checkpoint), checkpoint directory, snapshot "
+                   "(RUN/snapshots/step-N.safetensors), .safetensors file (config.yaml beside it) "
+                   "or Hub repo id namespace/name")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     p.add_argument("--out", required=True, help="output directory (results.json is written here)")
     p.add_argument("--device", default=None, help="torch device; default: the process's accelerator device")
@@ -77,7 +80,7 @@ class Precision(torch.nn.Module):
         self.model, self.mode, self.device_type = model, mode, torch.device(device).type
 
     def forward(self, x, t):
-        if self.mode == "no":
+        if self.mode in ("no", "fp32"):
             return self.model(x, t)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.mode]
         with torch.autocast(self.device_type, dtype=dtype):
@@ -92,6 +95,17 @@ def manifest_path(shards: str | os.PathLike) -> Path:
     if not m.is_file():
         raise EvalError(f"{shards}: no manifest.json (the reference set is a data_prep shard directory)")
     return m
+
+
+def check_resolution(shards: str | os.PathLike, split: str, recipe) -> None:
+    """A split of another resolution than the model's is refused: its numbers would mean nothing."""
+    want = recipe.model.unet_kwargs()["resolution"]
+    try:
+        got = json.loads(manifest_path(shards).read_text()).get("resolution")
+    except ValueError as e:
+        raise EvalError(f"{manifest_path(shards)}: unreadable manifest ({e})") from None
+    if got is not None and int(got) != int(want):
+        raise EvalError(f"{shards}: the '{split}' split is {got}x{got}, the model makes {want}x{want} images")
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

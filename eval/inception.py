@@ -14,10 +14,17 @@ use. Machines without internet (this one, many clusters) cannot, so the weights 
 The fid-helper file has no classifier layer, so a converted file cannot give the Inception
 Score: its `fc` weights are NaN, which `has_logits` detects, and `eval is` refuses it (exit 2)
 rather than print a wrong number.
+
+Every weights file (flag, environment variable, our converted cache, torch hub's download cache)
+is read by `load_state_dict`: `torch.load(weights_only=True)` or safetensors, never a loader that
+unpickles arbitrary objects (torch-fidelity's own `torch.load(..., weights_only=False)` would run
+a pickle payload). The state dict is then handed to torch-fidelity's InceptionV3 in memory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -107,13 +114,62 @@ def convert_fid_helper(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return dst
 
 
+@functools.lru_cache(maxsize=2)
+def _load_cached(path: str, mtime_ns: int, size: int) -> dict:  # noqa: ARG001 (the cache key)
+    p = Path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(p))
+        else:
+            # weights_only: tensors and plain containers only; a pickled object is refused.
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a payload, RuntimeError/EOFError for a damaged file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise InceptionWeightsError(
+            f"{path}: refused as Inception weights: not a plain tensor file that loads without "
+            f"unpickling ({type(e).__name__}: {first})") from None
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise InceptionWeightsError(f"{path}: refused as Inception weights: not a state dict of tensors")
+    return sd
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """The tensors of an Inception weights file, loaded without unpickling (cached per file version)."""
+    st = Path(path).stat()
+    return _load_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
 def has_logits(weights_path: str | os.PathLike | None) -> bool:
     """False for a converted fid-helper file (its classifier is NaN); True for real weights."""
     if weights_path is None:
         return True  # torch-fidelity's own download carries the classifier
-    sd = torch.load(str(weights_path), map_location="cpu", weights_only=True)
-    fc = sd.get("fc.weight")
+    fc = load_state_dict(weights_path).get("fc.weight")
     return fc is not None and bool(torch.isfinite(fc).all())
+
+
+@contextlib.contextmanager
+def _weights_source(sd: dict | None):
+    """torch-fidelity's InceptionV3 takes its state dict from `load_state_dict_from_url` when no
+    path is given: give it ours (already loaded safely), or make its download load safely."""
+    import torch_fidelity.feature_extractor_inceptionv3 as mod
+
+    saved = mod.load_state_dict_from_url
+    mod.load_state_dict_from_url = (lambda *a, **k: sd) if sd is not None else functools.partial(saved, weights_only=True)
+    try:
+        yield mod
+    finally:
+        mod.load_state_dict_from_url = saved
+
+
+def inception(layers: list[str], weights: str | os.PathLike | None, dtype: str = "float32"):
+    """torch-fidelity's TF-compatible InceptionV3 giving `layers`, with `weights` loaded safely
+    (None: torch-fidelity's download, also loaded with weights_only)."""
+    sd = load_state_dict(weights) if weights else None
+    with _weights_source(sd) as mod:
+        return mod.FeatureExtractorInceptionV3("inception-v3-compat", list(layers),
+                                               feature_extractor_internal_dtype=dtype)
 
 
 def resolve_weights(path: str | None = None, allow_download: bool = True, need_logits: bool = False) -> str | None:

@@ -74,7 +74,8 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
         mtype, mname = _HEADLINE[(name, metric)]
         split = protocol.get("split") or protocol.get("reference_split") or ("test" if name == "nll" else "train")
         if protocol.get("paper_protocol") is False:
-            mname += f" ({protocol.get('sampler', 'DDIM')}, beyond the paper)"
+            why = protocol.get("paper_protocol_caveats") or [f"{protocol.get('sampler', 'DDIM')}, beyond the paper"]
+            mname += f" (not the paper's protocol: {'; '.join(why)})"
         evals.append(EvalResult(task_type=TASK, dataset_type=ds_id, dataset_name=ds_name, dataset_split=str(split),
                                 metric_type=mtype, metric_value=value, metric_name=mname))
     data = ModelCardData(
@@ -113,6 +114,9 @@ def _results_section(rows, results) -> list[str]:
         return ["## Results", "", "Not evaluated yet: no results.json was pushed with these weights.", ""]
     out = ["## Results", "", "| evaluation | metric | value |", "|---|---|---|"]
     out += [f"| {name} | {metric} | {value:.6g} |" for name, metric, value, _ in rows]
+    out += [f"\n**Caveat: {name} is not the paper's protocol** ({'; '.join(p['paper_protocol_caveats'])}); "
+            "do not compare it with the paper's numbers." for name, p in
+            {n: p for n, _, _, p in rows if p.get("paper_protocol") is False and p.get("paper_protocol_caveats")}.items()]
     out += ["", "### Exactly how they were computed", ""]
     for name, ev in (results.get("evaluations") or {}).items():
         out += [f"**{name}** ({ev.get('created', 'date unknown')}):", "", "```yaml",

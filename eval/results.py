@@ -36,6 +36,44 @@ SCHEMA = 1
 BEYOND_PAPER = "beyond the paper (DDIM, Song et al. 2021); not comparable to the paper's numbers"
 
 
+# The paper's protocol (Sec. 4, Table 1, App. B): 50,000 ancestral samples with T = 1000 against
+# 50,000 training images (CIFAR-10's whole training set; LSUN's first 50,000 in shard order, the
+# StyleGAN2 code's protocol), float32 sampling.
+PAPER = {"num_samples": 50_000, "steps": 1000, "reference_count": 50_000}
+
+
+def paper_caveats(protocol: dict, metric: str = "fid") -> list[str]:
+    """Why `protocol` is not the paper's (empty when it is), one short phrase per difference."""
+    out = []
+    if protocol.get("sampler") != "ancestral":
+        s = protocol.get("sampler", "unknown")
+        out.append(f"sampler {s}, beyond the paper (paper: ancestral)" if s == "ddim" else f"sampler {s} (paper: ancestral)")
+    if protocol.get("steps") != PAPER["steps"]:
+        out.append(f"T = {protocol.get('steps', 'unknown')} (paper: 1000)")
+    n = protocol.get("num_samples_scored", protocol.get("num_samples"))
+    if n != PAPER["num_samples"]:
+        out.append(f"{n} samples (paper: 50,000)")
+    if protocol.get("precision", "fp32") not in ("fp32", "no"):
+        out.append(f"{protocol['precision']} sampling (paper: float32)")
+    if metric == "fid":
+        if protocol.get("reference_split") != "train":
+            out.append(f"reference split {protocol.get('reference_split')} (paper: train)")
+        if protocol.get("reference_count") != PAPER["reference_count"]:
+            out.append(f"{protocol.get('reference_count')} reference images (paper: 50,000)")
+    return out
+
+
+def mark_paper_protocol(protocol: dict, metric: str) -> dict:
+    """Set `paper_protocol` (and the caveats when false) from the protocol itself."""
+    caveats = paper_caveats(protocol, metric)
+    protocol["paper_protocol"] = not caveats
+    if caveats:
+        protocol["paper_protocol_caveats"] = caveats
+    else:
+        protocol.pop("paper_protocol_caveats", None)
+    return protocol
+
+
 class ResultsError(UserError):
     """A results.json that cannot be read, or that holds results for other weights."""
 

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, resolve, to_uint8
-from eval.results import BEYOND_PAPER, weights_sha256
+from eval.results import BEYOND_PAPER, mark_paper_protocol, weights_sha256
 from pipeline import build
 from pipeline.atomic import atomic_path, write_json
 from pipeline.hub import Pretrained
@@ -50,12 +50,11 @@ def protocol_for(loaded: Pretrained, *, num_samples: int, seed: int, sampler: st
         "precision": precision,
         "weights_sha256": weights_sha256(loaded.model),
         "source": loaded.source,
-        "paper_protocol": sampler == "ancestral",
     }
     if sampler == "ddim":
         proto["eta"] = float(eta)
         proto["note"] = BEYOND_PAPER
-    return proto
+    return mark_paper_protocol(proto, "sample")
 
 
 def chunk_path(out: Path, c: int) -> Path:
@@ -72,7 +71,10 @@ def _check_protocol(out: Path, proto: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())["protocol"]
-    keys = [k for k in proto if k not in ("source",) and old.get(k) != proto[k]]
+    if old.get("precision") == "no":  # written before precision was named fp32
+        old["precision"] = "fp32"
+    derived = ("source", "paper_protocol", "paper_protocol_caveats")  # follow from the rest
+    keys = [k for k in proto if k not in derived and old.get(k) != proto[k]]
     if keys:
         k = keys[0]
         raise EvalError(f"{path}: holds samples with {k}={old.get(k)!r}, asked for {proto[k]!r}; "
@@ -96,12 +98,15 @@ def draw(loaded: Pretrained, indices, *, seed: int, sampler: str, steps: int | N
 
 def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int, batch_size: int, seed: int = 0,
                  sampler: str = "ancestral", steps: int | None = None, eta: float = 0.0,
-                 var_type: str | None = None, precision: str = "no", chunk_size: int = 1000,
+                 var_type: str | None = None, precision: str = "fp32", chunk_size: int = 1000,
                  device=None, acc=None, stop_after_chunks: int | None = None) -> dict:
     """Draw the missing chunks of OUT; returns the protocol. `stop_after_chunks` (tests) ends
     the job early as a preemption would."""
     if sampler == "ddim" and not steps:
         raise EvalError("--sampler ddim needs --steps N")
+    if sampler == "ddim" and not 1 <= steps <= loaded.diffusion.num_timesteps:
+        raise EvalError(f"--steps {steps}: DDIM steps must be in [1, T = {loaded.diffusion.num_timesteps}]")
+    precision = "fp32" if precision == "no" else precision
     acc = acc or accelerator()
     device = torch.device(device) if device else acc.device
     loaded.model.to(device)
@@ -210,8 +215,8 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = No
         Image.fromarray(grid.squeeze(-1) if c == 1 else grid).save(tmp)
 
 
-def add_sampling_args(p) -> None:
-    add_model_args(p)
+def add_sampling_args(p, optional_src: bool = False) -> None:
+    add_model_args(p, optional_src)
     p.add_argument("--num-samples", type=int, default=None, help="default: the recipe's eval.num_samples")
     p.add_argument("--batch-size", type=int, default=None, help="per process; default: eval.batch_size")
     p.add_argument("--seed", type=int, default=None, help="base seed; default: eval.seed")
@@ -221,8 +226,9 @@ def add_sampling_args(p) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--var-type", choices=("fixed_small", "fixed_large"), default=None,
                    help="reverse variance (default: eval.var_type, else the recipe's diffusion.var_type)")
-    p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="autocast the U-Net (default: eval.mixed_precision)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "no"), default=None,
+                   help="autocast the U-Net while the diffusion arithmetic stays float32 (default: "
+                   "eval.sampling_precision, else eval.mixed_precision; 'no' = fp32)")
     p.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk file (the resume unit)")
 
 
@@ -232,15 +238,17 @@ def sample_from_args(args):
     r = loaded.recipe
     num = resolve(args.num_samples, r, "eval.num_samples")
     batch = resolve(args.batch_size, r, "eval.batch_size")
-    if min(num, batch, args.chunk_size) <= 0:
-        raise EvalError("--num-samples, --batch-size and --chunk-size must be positive")
+    for name, value in (("--num-samples", num), ("--batch-size", batch), ("--chunk-size", args.chunk_size)):
+        if value <= 0:
+            raise EvalError(f"{name} {value}: must be a positive whole number")
     sampler = resolve(args.sampler, r, "eval.sampler")
+    precision = resolve(args.precision, r, "eval.sampling_precision", r.eval.mixed_precision)
     acc = accelerator()
     proto = run_sampling(
         loaded, args.out, num_samples=num, batch_size=batch, seed=resolve(args.seed, r, "eval.seed"),
         sampler=sampler, steps=resolve(args.steps, r, "eval.ddim_steps") if sampler == "ddim" else None,
         eta=args.eta, var_type=resolve(args.var_type, r, "eval.var_type", r.diffusion.var_type),
-        precision=resolve(args.precision, r, "eval.mixed_precision"), chunk_size=args.chunk_size,
+        precision=precision, chunk_size=args.chunk_size,
         device=args.device, acc=acc)
     return loaded, proto, acc
 
@@ -254,12 +262,20 @@ def register(subparsers) -> None:
         "OUT/chunks/chunk-NNNNNN.npz; rerunning the same command resumes after a preemption. "
         "--sampler ddim is beyond the paper and labelled so in OUT/samples.json.")
     add_sampling_args(p)
+    p.add_argument("--npz", default=None, metavar="PATH",
+                   help="also write all samples as PATH, an .npz whose arr_0 is uint8 [n, H, W, 3] (the "
+                   "ADM / guided-diffusion format other evaluators read)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     _, proto, acc = sample_from_args(args)
     if acc.is_main_process:
-        label = "" if proto["paper_protocol"] else "  [DDIM: beyond the paper]"
+        if args.npz:
+            from eval.outside import write_adm_npz
+
+            write_adm_npz(args.npz, load_samples(args.out))
+        label = "" if proto["paper_protocol"] else "  [not the paper's protocol: " + "; ".join(
+            proto["paper_protocol_caveats"]) + "]"
         print(json.dumps({"out": str(args.out), **{k: proto[k] for k in ("sampler", "steps", "num_samples")}}) + label)
     return 0

@@ -95,6 +95,8 @@ class TrainConfig:
     sample_count: int = 16
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     init_from: Optional[str] = None  # checkpoint dir, safetensors file or Hub id (fine-tuning)
+    # EMA-only weights every N steps in RUN/snapshots/ (never pruned; `eval sweep` scores them); 0 = off
+    snapshot_every: int = 0
 
 
 @dataclass
@@ -110,6 +112,11 @@ class EvalConfig:
     nll_t_batch: int = 10  # time steps per model call in calc_bpd
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
+    # The first N reference images in shard order (None = the whole split); 50000 for LSUN and
+    # CelebA-HQ, the StyleGAN2 code's protocol that the paper used.
+    fid_reference_count: Optional[int] = None
+    # Autocast of the U-Net while sampling; None = mixed_precision ("no" = fp32).
+    sampling_precision: Optional[Literal["fp32", "bf16", "fp16"]] = None
 
 
 @dataclass
@@ -306,6 +313,9 @@ def _check_values(r: Recipe, source: str) -> None:
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
+    need(r.eval.fid_reference_count is None or r.eval.fid_reference_count >= 2, "eval.fid_reference_count",
+         "must be at least 2 (a covariance needs two images)")
+    need(t.snapshot_every >= 0, "train.snapshot_every", "must be 0 (off) or positive")
 
 
 def _plain(obj: Any) -> Any:

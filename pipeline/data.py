@@ -403,13 +403,14 @@ class TrainLoader:
 
 
 def iter_split(source, split: str = "test", batch_size: int = 64, rank: int = 0, world_size: int = 1,
-               with_keys: bool = False):
+               with_keys: bool = False, limit: int | None = None):
     """Each sample of `split` exactly once, in manifest order, as uint8 [b, 3, H, W] tensors
     (the last batch may be shorter). Rank r reads the contiguous block
     [N * r // W, N * (r + 1) // W), so ranks never overlap and nothing is padded.
-    With `with_keys`, yields (images, keys). Corrupt samples raise DataError (eval needs all)."""
+    With `with_keys`, yields (images, keys). Corrupt samples raise DataError (eval needs all).
+    With `limit`, only the first `limit` samples in shard order count as the split."""
     shards = ShardSet(source, split)
-    n = len(shards)
+    n = len(shards) if limit is None else min(limit, len(shards))
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     for b in range(lo, hi, batch_size):
         imgs, keys = [], []

@@ -11,7 +11,8 @@ import scipy.linalg
 import torch
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from eval.fid import features, frechet_distance, iter_uint8, load_extractor, reference_statistics, statistics
+from eval.features import features, frechet_distance, iter_uint8, load_extractor, statistics
+from eval.fid import reference_statistics
 from eval.inception import InceptionWeightsError, convert_fid_helper, fid_helper_file, has_logits, resolve_weights
 from eval.sample import load_samples
 from support.cli import eval_env, run_eval

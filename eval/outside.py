@@ -1,0 +1,84 @@
+"""Samples from outside: a folder of PNG/JPEG images or an ADM / guided-diffusion `.npz` whose
+`arr_0` is uint8 [n, H, W, 3], scored without a model (`eval fid --samples PATH`); and the
+writer of that `.npz` for our own samples (`eval sample --npz`)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from eval.common import EvalError
+from pipeline.atomic import atomic_path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class ImageFolder:
+    """The images of a folder (sorted by name) as an indexable uint8 [n, H, W, 3] sequence,
+    decoded on access; every image must be RGB of the first image's size."""
+
+    def __init__(self, folder: Path):
+        self.files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise EvalError(f"{folder}: no .png/.jpg/.jpeg images")
+        self.shape = self._read(0).shape
+
+    def _read(self, i: int) -> np.ndarray:
+        f = self.files[i]
+        try:
+            with Image.open(f) as im:
+                x = np.asarray(im.convert("RGB") if im.mode in ("L", "RGB", "P", "RGBA") else im)
+        except OSError as e:
+            raise EvalError(f"{f}: cannot decode ({e})") from None
+        if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
+            raise EvalError(f"{f}: need 8-bit RGB, got mode {x.dtype} {x.shape}")
+        return x
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        x = self._read(i)
+        if i and x.shape != self.shape:
+            raise EvalError(f"{self.files[i]}: {x.shape[1]}x{x.shape[0]}, the other images are "
+                            f"{self.shape[1]}x{self.shape[0]}")
+        return x
+
+
+def check_images(x: np.ndarray, where) -> np.ndarray:
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] != 3 or min(x.shape) == 0:
+        raise EvalError(f"{where}: need uint8 images [n, H, W, 3] (NHWC), got {x.dtype} {list(x.shape)}")
+    return x
+
+
+def load_outside(path: str | os.PathLike):
+    """Indexable uint8 [n, H, W, 3] images of a folder or of an `.npz`'s `arr_0`."""
+    p = Path(path)
+    if p.is_dir():
+        return ImageFolder(p)
+    if not p.is_file():
+        raise EvalError(f"--samples {path}: no such folder or .npz file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if "arr_0" not in z.files:
+                raise EvalError(f"{p}: no 'arr_0' array (the ADM sample format; has {', '.join(z.files)})")
+            x = z["arr_0"]
+    except (OSError, ValueError) as e:  # not a zip, or an object array that would need unpickling
+        raise EvalError(f"{p}: not a readable .npz of images ({e})") from None
+    return check_images(x, p)
+
+
+def write_adm_npz(path: str | os.PathLike, images: np.ndarray) -> Path:
+    """uint8 [n, H, W, 3] as `arr_0` in an `.npz` (what guided-diffusion's evaluator reads)."""
+    path = Path(path)
+    check_images(images, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=images)
+    return path
