@@ -266,9 +266,30 @@ def _images_and_protocol(args):
         return images, proto, {"source": str(args.samples), "samples_sha256": sha}, None, accelerator()
     if not args.src:
         raise EvalError("nothing to score: name a model (SRC) or outside samples (--samples PATH)")
-    loaded, proto, acc = sample_from_args(args)
+    loaded, proto, acc = sample_from_args(args, check=lambda m: _reference_for(args, m.recipe))
     ckpt = {"source": loaded.source, "weights_sha256": proto["weights_sha256"]}
     return SampleChunks(args.out), dict(proto), ckpt, loaded.recipe, acc
+
+
+def _reference_for(args, recipe) -> tuple[str, int | None]:
+    """(reference, first-N count) for FID: flags, else the recipe's eval settings; checked."""
+    if args.metric != "fid":
+        return "", None
+    shards = args.reference
+    if recipe is not None:
+        shards = resolve(shards, recipe, "eval.fid_reference", recipe.data.shards)
+    if not shards:
+        raise EvalError("no reference set: pass --reference SHARDS|STATS.npz or set data.shards in the recipe")
+    count = args.reference_count
+    if count is None and recipe is not None:
+        count = recipe.eval.fid_reference_count
+    if Path(shards).is_dir():
+        manifest_path(shards)
+        if recipe is not None:
+            check_resolution(shards, args.reference_split, recipe)
+    elif not Path(shards).is_file():
+        raise EvalError(f"--reference {shards}: no such shard directory or statistics .npz")
+    return shards, count
 
 
 def main(args) -> int:
@@ -277,16 +298,7 @@ def main(args) -> int:
     device = torch.device(args.device) if args.device else acc.device
     if args.metric == "fid":
         name = _register_extractor(args.feature_extractor)
-        shards = args.reference
-        if recipe is not None:
-            shards = resolve(shards, recipe, "eval.fid_reference", recipe.data.shards)
-        if not shards:
-            raise EvalError("no reference set: pass --reference SHARDS|STATS.npz or set data.shards in the recipe")
-        count = args.reference_count
-        if count is None and recipe is not None:
-            count = getattr(recipe.eval, "fid_reference_count", None)
-        if recipe is not None and Path(shards).is_dir():
-            check_resolution(shards, args.reference_split, recipe)
+        shards, count = _reference_for(args, recipe)
         m = compute_fid(images, shards, name=name, weights=weights if name == INCEPTION else None,
                         split=args.reference_split, batch_size=args.feature_batch_size, cache=args.cache_dir,
                         reference_count=count, device=device, precision=args.feature_precision)

@@ -124,7 +124,9 @@ def _load_cached(path: str, mtime_ns: int, size: int) -> dict:  # noqa: ARG001 (
             sd = load_file(str(p))
         else:
             # weights_only: tensors and plain containers only; a pickled object is refused.
-            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's note on old pickle protocols: the error says it
+                sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for a payload, RuntimeError/EOFError for a damaged file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise InceptionWeightsError(

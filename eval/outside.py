@@ -30,7 +30,7 @@ class ImageFolder:
         f = self.files[i]
         try:
             with Image.open(f) as im:
-                x = np.asarray(im.convert("RGB") if im.mode in ("L", "RGB", "P", "RGBA") else im)
+                x = np.array(im.convert("RGB") if im.mode in ("L", "RGB", "P", "RGBA") else im)
         except OSError as e:
             raise EvalError(f"{f}: cannot decode ({e})") from None
         if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:

@@ -232,9 +232,12 @@ def add_sampling_args(p, optional_src: bool = False) -> None:
     p.add_argument("--chunk-size", type=int, default=1000, help="samples per chunk file (the resume unit)")
 
 
-def sample_from_args(args):
-    """Load the model and draw (or resume) the samples the arguments ask for."""
+def sample_from_args(args, check=None):
+    """Load the model and draw (or resume) the samples the arguments ask for; `check(loaded)`
+    runs before any sampling (a bad reference fails in seconds, not after the samples)."""
     loaded = load_model(args.src, args.revision, args.model_factory)
+    if check is not None:
+        check(loaded)
     r = loaded.recipe
     num = resolve(args.num_samples, r, "eval.num_samples")
     batch = resolve(args.batch_size, r, "eval.batch_size")
