@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint
+from pipeline import build, checkpoint, snapshots
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -292,6 +292,8 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
             if rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
                 write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
+            if rt.main and tc.snapshot_every > 0 and state.step % tc.snapshot_every == 0:
+                snapshots.write_snapshot(run_dir, state.step, parts.ema.state_dict(), recipe)
             if result.stop:
                 save(recipe, rt, parts, state, hooks)
                 if rt.main:

@@ -305,3 +305,23 @@ def test_mixed_precision_steps_follow_fp32(tmp_path, shards, fresh_accelerate, p
     to_ref = sum((got[k] - want[k]).square().sum().item() for k in got)
     to_init = sum((got[k] - init[k]).square().sum().item() for k in got)
     assert 0 < to_ref < 0.1 * to_init, (to_ref, to_init)  # > 0: it did run in 16 bits
+
+
+def test_snapshots_survive_checkpoint_pruning(tmp_path, shards, fresh_accelerate):
+    from pipeline.hub import load_pretrained
+    from pipeline.snapshots import list_snapshots
+
+    code, run = run_inproc(tmp_path, shards, train={"max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 1,
+                                                    "snapshot_every": 1, "sample_every": 0},
+                           diffusion={"timesteps": 10})
+    assert code == EXIT_OK
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-00000004"]  # step 2 was pruned...
+    snaps = list_snapshots(run)
+    assert [s for s, _ in snaps] == [1, 2, 3, 4]  # ...its EMA weights were not
+    last = ck.latest_checkpoint(run)
+    assert weights(last, "ema.safetensors").keys() == weights(snaps[-1][1].parent, snaps[-1][1].name).keys()
+    for k, v in weights(last, "ema.safetensors").items():  # the snapshot is the checkpoint's EMA
+        assert torch.equal(v, weights(snaps[-1][1].parent, snaps[-1][1].name)[k])
+    assert not (snaps[-1][1].parent / "model.safetensors").exists()  # EMA only
+    loaded = load_pretrained(str(snaps[1][1]))  # a snapshot loads alone (config.yaml beside it)
+    assert loaded.recipe.train.snapshot_every == 1
