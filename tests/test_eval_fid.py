@@ -7,16 +7,15 @@ import warnings
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-from eval.features import features, frechet_distance, iter_uint8, load_extractor, statistics
+from eval.features import features, frechet_distance, load_extractor, statistics
 from eval.fid import reference_statistics
 from eval.inception import InceptionWeightsError, convert_fid_helper, fid_helper_file, has_logits, resolve_weights
 from eval.sample import load_samples
 from support.cli import eval_env, run_eval
-from support.features import register_tiny_features
+from support.features import fid_by_hand, register_tiny_features, train_images
 from support.folder_shards import make_folder_shards
 from support.model import make_checkpoint, tiny_recipe
 
@@ -25,16 +24,6 @@ def _images(seed, n=96, size=8, shift=0):
     g = np.random.default_rng(seed)
     x = g.integers(0, 256, (n, size, size, 3)).astype(np.int64) + shift
     return np.clip(x, 0, 255).astype(np.uint8)
-
-
-def fid_by_hand(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Independent: float64 moments and scipy's sqrtm of S1 S2 (the TTUR formula)."""
-    f1, f2 = f1.astype(np.float64), f2.astype(np.float64)
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
 def test_frechet_distance_matches_scipy_sqrtm_and_self_is_zero():
@@ -93,10 +82,6 @@ def test_offline_inception_score_is_refused_with_a_reason(tmp_path):
     assert not (tmp_path / "o" / "chunks").exists()  # refused before any sampling
 
 
-def _train_images(shards):
-    return np.concatenate(list(iter_uint8(str(shards), "train", 16)))
-
-
 def test_reference_statistics_are_cached_and_invalidated_when_shards_change(tmp_path):
     fe = load_extractor(register_tiny_features())
     shards = make_folder_shards(tmp_path / "d", n=30, size=8, test_count=2)
@@ -106,14 +91,14 @@ def test_reference_statistics_are_cached_and_invalidated_when_shards_change(tmp_
     assert (cached1, cached2) == (False, True) and path1 == path2 and s1["n"] == 28
     np.testing.assert_array_equal(s1["sigma"], s2["sigma"])
     # the cached statistics are those of the training images themselves
-    direct = statistics(features(_train_images(shards), fe, progress=False))
+    direct = statistics(features(train_images(shards), fe, progress=False))
     np.testing.assert_allclose(s1["mu"], direct["mu"], rtol=0, atol=1e-12)
     # another extractor id is another entry
     assert reference_statistics(str(shards), fe, **{**kw, "extractor_id": "other"})[2] is False
     # a cap takes the first N training images in shard order, and is its own cache entry
     s10, path10, cached10 = reference_statistics(str(shards), fe, **kw, limit=10)
     assert cached10 is False and path10 != path1 and s10["n"] == 10
-    first10 = statistics(features(_train_images(shards)[:10], fe, progress=False))
+    first10 = statistics(features(train_images(shards)[:10], fe, progress=False))
     np.testing.assert_allclose(s10["mu"], first10["mu"], rtol=0, atol=1e-12)
     # new shards in the same place: a new manifest, so new statistics
     shutil.rmtree(shards.parent)
@@ -138,7 +123,7 @@ def test_cli_fid_with_registered_extractor_matches_independent_computation(tmp_p
     assert p["reference"] == str(shards) and p["reference_split"] == "train" and p["steps"] == 20
     fe = load_extractor(register_tiny_features())
     want = fid_by_hand(features(load_samples(out), fe, progress=False),
-                       features(_train_images(shards), fe, progress=False))
+                       features(train_images(shards), fe, progress=False))
     assert abs(ev["metrics"]["fid"] - want) <= 1e-6 * max(1.0, want)
     # a second run reuses the samples and the reference cache
     r = run_eval(*args, env=env, timeout=300)
@@ -174,7 +159,7 @@ def test_real_inception_fid_offline_against_fid_helper_features(tmp_path):
                 out.append(net(((b - 128) / 128).float()).double())
         return torch.cat(out).numpy()
 
-    want = fid_by_hand(feats(load_samples(out)), feats(_train_images(shards)))
+    want = fid_by_hand(feats(load_samples(out)), feats(train_images(shards)))
     got = ev["metrics"]["fid"]
     assert got > 1.0  # random-weight samples are far from the photos
     assert abs(got - want) <= 1e-4 * want

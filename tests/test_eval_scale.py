@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_eval_fid import _train_images, fid_by_hand
 
 from eval.__main__ import main as eval_main
 from eval.features import Moments, features, load_extractor, load_stats, statistics
 from eval.results import mark_paper_protocol
 from support.cli import PY, eval_env, run_eval
-from support.features import register_tiny_features
+from support.features import fid_by_hand, register_tiny_features, train_images
 from support.folder_shards import make_folder_shards
 from support.model import make_checkpoint, tiny_recipe
 
@@ -63,14 +62,14 @@ def test_ref_stats_npz_gives_the_same_fid_as_the_shards(shards, tmp_path):
     with np.load(npz) as z:  # what pytorch-fid / the ADM evaluator read: plain float64 mu, sigma
         assert z["mu"].dtype == np.float64 and z["sigma"].dtype == np.float64
     fe = load_extractor(register_tiny_features())
-    direct = statistics(features(_train_images(shards), fe, progress=False))
+    direct = statistics(features(train_images(shards), fe, progress=False))
     np.testing.assert_allclose(stats["sigma"], direct["sigma"], rtol=1e-12, atol=1e-15)
     samples = tmp_path / "s.npz"
     np.savez(samples, arr_0=_samples())
     a = _fid(tmp_path, "--samples", samples, "--reference", shards, "--cache-dir", tmp_path / "c")
     b = _fid(tmp_path, "--samples", samples, "--reference", npz)
     assert a["metrics"]["fid"] == pytest.approx(b["metrics"]["fid"], rel=1e-12)
-    want = fid_by_hand(features(_samples(), fe, progress=False), features(_train_images(shards), fe, progress=False))
+    want = fid_by_hand(features(_samples(), fe, progress=False), features(train_images(shards), fe, progress=False))
     assert b["metrics"]["fid"] == pytest.approx(want, rel=1e-6)
     assert b["protocol"]["reference"] == str(npz) and b["protocol"]["reference_count"] == 28
     # outside samples: not the paper's protocol, and the card-facing caveats say why
@@ -270,5 +269,5 @@ def test_one_and_two_processes_give_the_same_statistics(shards, tmp_path):
     np.testing.assert_allclose(s2["sigma"], s1["sigma"], rtol=1e-11, atol=1e-15)
     assert res["two"]["metrics"]["fid"] == pytest.approx(res["one"]["metrics"]["fid"], rel=1e-10)
     fe = load_extractor(register_tiny_features())
-    want = fid_by_hand(features(_samples(n=21), fe, progress=False), features(_train_images(shards), fe, progress=False))
+    want = fid_by_hand(features(_samples(n=21), fe, progress=False), features(train_images(shards), fe, progress=False))
     assert res["two"]["metrics"]["fid"] == pytest.approx(want, rel=1e-6)

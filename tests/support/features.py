@@ -5,6 +5,8 @@ through the hidden `--feature-extractor tiny-seeded=support.features:TinyFeature
 
 from __future__ import annotations
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch_fidelity import register_feature_extractor
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -49,3 +51,20 @@ def register_tiny_features(name: str = NAME) -> str:
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(name, TinyFeatures)
     return name
+
+
+def fid_by_hand(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Independent: float64 moments and scipy's sqrtm of S1 S2 (the TTUR formula)."""
+    f1, f2 = f1.astype(np.float64), f2.astype(np.float64)
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    covmean = covmean.real if np.iscomplexobj(covmean) else covmean
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def train_images(shards) -> np.ndarray:
+    """All training images of a shard directory, uint8 [n, H, W, 3] in shard order."""
+    from eval.features import iter_uint8
+
+    return np.concatenate(list(iter_uint8(str(shards), "train", 16)))
