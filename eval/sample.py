@@ -217,6 +217,11 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, ncol: int | None = No
 
 def add_sampling_args(p, optional_src: bool = False) -> None:
     add_model_args(p, optional_src)
+    add_sampling_options(p)
+
+
+def add_sampling_options(p) -> None:
+    """How to sample (everything but which model and where to)."""
     p.add_argument("--num-samples", type=int, default=None, help="default: the recipe's eval.num_samples")
     p.add_argument("--batch-size", type=int, default=None, help="per process; default: eval.batch_size")
     p.add_argument("--seed", type=int, default=None, help="base seed; default: eval.seed")
