@@ -3,7 +3,8 @@
   1. scikit-image's photographs, cut into crops, as an LSUN-style LMDB   (scripts/quickstart_data.py)
   2. python -m data_prep lsun  -> WebDataset shards + manifest, held-out test split
   3. accelerate launch (2 CPU processes) pipeline/train.py recipes/quickstart.yaml
-  4. python -m eval fid / nll / figures  (real Inception features, offline weights)
+  4. python -m eval fid / nll / figures  (real Inception features, offline weights), and
+     python -m eval sweep: FID of the EMA snapshots against training step (it falls: the model learns)
   5. python -m eval push  -> a Hub server on localhost; download it again and sample from it
 
 Each stage is the real command a user would type (printed before it runs); re-running resumes.
@@ -56,7 +57,8 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
          "--test-count", str(nll_images), "--shard-size", "500", "--workers", "2"])
 
     stage(f"3/5 train: 2 processes on CPU, {steps} steps (resumes if interrupted)")
-    overrides = [f"data.shards={shards}", f"run.output_dir={run_dir}", f"train.max_steps={steps}"]
+    overrides = [f"data.shards={shards}", f"run.output_dir={run_dir}", f"train.max_steps={steps}",
+                 f"train.snapshot_every={max(1, steps // 4)}"]
     run(ACCELERATE_2CPU + ["pipeline/train.py", "recipes/quickstart.yaml", *overrides], env=cpu)
 
     stage("4/5 eval: samples + FID (offline Inception), test NLL, Figs. 5/6/8")
@@ -64,6 +66,11 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
                             "--reference-count", "1000"], env=cpu)
     run(ACCELERATE_2CPU + ["-m", "eval", "nll", run_dir, "--out", ev], env=cpu)
     run([PY, "-m", "eval", "figures", run_dir, "--out", ev / "figures", "--num-images", "8"], env=cpu)
+    run(ACCELERATE_2CPU + ["-m", "eval", "sweep", run_dir, "--out", ev / "sweep", "--num-samples", str(samples),
+                            "--reference-count", "1000"], env=cpu)
+    sweep = json.loads((ev / "sweep" / "sweep.json").read_text())
+    print("FID by training step (EMA snapshots): " + ", ".join(f"{r['step']}: {r['fid']:.1f}" for r in sweep["snapshots"])
+          + f"; best {sweep['best']['snapshot']}; plot {ev / 'sweep' / 'sweep.png'}")
 
     stage("5/5 Hub: push to a Hub server on localhost, download into a clean cache, sample from it")
     with HubServer(tokens={"hf_quickstart": "quickstart"}) as srv:
@@ -84,6 +91,8 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
         "figures": str(ev / "figures"),
         "fid": results["fid"]["metrics"]["fid"],
         "nll_bpd": results["nll"]["metrics"]["bpd"],
+        "fid_by_step": {r["step"]: r["fid"] for r in sweep["snapshots"]},
+        "best_snapshot": sweep["best"]["snapshot"],
         "hub_round_trip_equal": same,
         "minutes": round((time.time() - t0) / 60, 1),
     }

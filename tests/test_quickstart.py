@@ -20,6 +20,7 @@ def test_quickstart_chain(tmp_path):
     assert np.isfinite(s["fid"]) and s["fid"] >= 0
     assert 0 < s["nll_bpd"] < 8  # beats the uniform 8 bits/dim
     assert s["hub_round_trip_equal"]
+    assert sorted(s["fid_by_step"]) == [50, 100, 150, 200] and s["best_snapshot"].endswith(".safetensors")
     results = json.loads(Path(s["results"]).read_text())
     assert {"fid", "nll"} <= set(results["evaluations"])
     assert list(Path(s["figures"]).glob("*.png"))
