@@ -271,3 +271,15 @@ def test_one_and_two_processes_give_the_same_statistics(shards, tmp_path):
     fe = load_extractor(register_tiny_features())
     want = fid_by_hand(features(_samples(n=21), fe, progress=False), features(train_images(shards), fe, progress=False))
     assert res["two"]["metrics"]["fid"] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celebahq256", "lsun_bedroom", "lsun_bedroom_large", "lsun_cat",
+                                  "lsun_church"])
+def test_recipes_set_the_papers_fid_protocol(name):
+    from pipeline.config import load_recipe
+    from support.cli import ROOT
+
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    assert r.eval.num_samples == 50_000 and r.eval.sampler == "ancestral" and r.diffusion.timesteps == 1000
+    # CIFAR-10: the whole 50k training split; the others: the first 50,000 of millions
+    assert r.eval.fid_reference_count == (None if name == "cifar10" else 50_000)
