@@ -3,19 +3,22 @@
 Layout of the output directory:
     OUT/samples.json            the protocol (sampler, steps, variance, seed, count, chunk size,
                                 weights hash) and, when finished, the list of chunks
-    OUT/chunks/chunk-000123.npz images uint8 [n, H, W, 3] and their global indices
+    OUT/chunks/chunk-000123.npz images uint8 [n, H, W, 3], their global indices and the
+                                sha256 of the images (also listed in samples.json)
     OUT/grid.png                the first 64 samples, for a look
 Sample i is drawn from its own generator seeded by (seed, i) (`pipeline.rng.eval_seed`), so it is the
 same image whatever the batch size or the number of processes. Chunk c holds samples
 [c*chunk_size, (c+1)*chunk_size); it is written to a temporary name and renamed when whole,
 so a chunk file that exists is complete. A restarted job lists the chunks that exist and
 draws only the others (spread round-robin over the processes), so nothing is redone or
-duplicated. The DDIM sampler is beyond the paper and is labelled so in the protocol.
+duplicated. A chunk that does not load, holds other indices or fails its checksum (a disk
+that lost the tail of a file) is moved aside as `.bad` and drawn again, never counted as done. The DDIM sampler is beyond the paper and is labelled so in the protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -63,6 +66,49 @@ def chunk_path(out: Path, c: int) -> Path:
 
 def done_chunks(out: Path, n_chunks: int) -> set[int]:
     return {c for c in range(n_chunks) if chunk_path(out, c).is_file()}
+
+
+def images_sha256(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
+
+
+def chunk_problem(path: Path, lo: int, hi: int, recorded: str | None = None) -> str | None:
+    """Why the chunk file at `path` cannot count as samples [lo, hi), or None when it is whole:
+    it must load, hold those indices, and match its own checksum (and samples.json's)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, indices = z["images"], z["indices"]
+            sha = str(z["sha256"]) if "sha256" in z.files else None
+    except Exception as e:  # a truncated or damaged zip: BadZipFile, EOFError, ValueError, KeyError...
+        return f"unreadable ({type(e).__name__})"
+    if indices.tolist() != list(range(lo, hi)) or len(images) != hi - lo:
+        return f"holds {len(images)} samples / other indices, expected [{lo}, {hi})"
+    got = images_sha256(images)
+    for want in (sha, recorded):
+        if want is not None and want != got:
+            return "checksum mismatch"
+    return None
+
+
+def verified_todo(out: Path, n_chunks: int, chunk_size: int, num_samples: int) -> list[int]:
+    """The chunks still to draw: missing ones, and damaged ones (moved aside, then redrawn)."""
+    recorded = {}
+    if (out / "samples.json").is_file():
+        recorded = json.loads((out / "samples.json").read_text()).get("checksums") or {}
+    todo = []
+    for c in range(n_chunks):
+        path = chunk_path(out, c)
+        if not path.is_file():
+            todo.append(c)
+            continue
+        lo = c * chunk_size
+        why = chunk_problem(path, lo, lo + _chunk_len(c, chunk_size, num_samples), recorded.get(path.name))
+        if why:
+            bad = path.with_name(f"{path.name}.bad")
+            os.replace(path, bad)
+            print(f"warning: {path}: {why}; moved to {bad.name} and drawn again", flush=True)
+            todo.append(c)
+    return todo
 
 
 def _check_protocol(out: Path, proto: dict) -> None:
@@ -124,7 +170,10 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
         if not (out / "samples.json").is_file():
             write_json(out / "samples.json", {"protocol": proto, "complete": False, "chunks": []})
     acc.wait_for_everyone()
-    todo = sorted(set(range(n_chunks)) - done_chunks(out, n_chunks))
+    from accelerate.utils import broadcast_object_list  # imported here: `--help` stays fast
+
+    box = [verified_todo(out, n_chunks, chunk_size, num_samples) if acc.is_main_process else None]
+    todo = broadcast_object_list(box)[0]  # the main process checked the chunks; all agree
     mine = todo[acc.process_index :: acc.num_processes]
     bar = tqdm(total=sum(_chunk_len(c, chunk_size, num_samples) for c in mine), unit="img",
                desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
@@ -138,19 +187,31 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
             images.append(draw(loaded, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
                                precision=precision, device=device))
             bar.update(len(idx))
+        images = np.concatenate(images)
         with atomic_path(chunk_path(out, c)) as tmp:  # a chunk that exists is whole
-            np.savez(tmp, images=np.concatenate(images), indices=np.arange(lo, hi, dtype=np.int64))
+            np.savez(tmp, images=images, indices=np.arange(lo, hi, dtype=np.int64), sha256=images_sha256(images))
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
         done = sorted(done_chunks(out, n_chunks))
         write_json(out / "samples.json", {"protocol": proto, "complete": len(done) == n_chunks,
                                           "processes": acc.num_processes,  # of the last run
-                                          "chunks": [chunk_path(out, c).name for c in done]})
+                                          "chunks": [chunk_path(out, c).name for c in done],
+                                          "checksums": _checksums(out, done)})
         if done and 0 in done:
             save_grid(load_samples(out, limit=64), out / "grid.png")
     acc.wait_for_everyone()
     return proto
+
+
+def _checksums(out: Path, done: list[int]) -> dict:
+    """name -> sha256 of the images of each finished chunk (as written inside the chunk)."""
+    sums = {}
+    for c in done:
+        with np.load(chunk_path(out, c), allow_pickle=False) as z:
+            if "sha256" in z.files:
+                sums[chunk_path(out, c).name] = str(z["sha256"])
+    return sums
 
 
 def _chunk_len(c: int, chunk_size: int, num_samples: int) -> int:

@@ -95,3 +95,22 @@ def test_two_processes_give_the_same_samples_as_one(ckpt, tmp_path):
     np.testing.assert_array_equal(load_samples(one), load_samples(two))
     info = json.loads((two / "samples.json").read_text())
     assert info["complete"] is True and info["processes"] == 2
+
+
+def test_damaged_chunks_are_detected_and_redrawn(ckpt, tmp_path):
+    out = tmp_path / "o"
+    run_sampling(load_model(str(ckpt)), out, num_samples=9, batch_size=3, chunk_size=3)
+    good = load_samples(out)
+    info = json.loads((out / "samples.json").read_text())
+    assert set(info["checksums"]) == {"chunk-000000.npz", "chunk-000001.npz", "chunk-000002.npz"}
+    c0, c1 = out / "chunks" / "chunk-000000.npz", out / "chunks" / "chunk-000001.npz"
+    c0.write_bytes(c0.read_bytes()[:-40])  # truncated: the zip no longer reads
+    with np.load(c1) as z:  # whole zip, wrong pixels: only the checksum can tell
+        bad = z["images"].copy()
+        bad[0, 0, 0, 0] ^= 1
+        np.savez(c1, images=bad, indices=z["indices"], sha256=z["sha256"])
+    untouched = (out / "chunks" / "chunk-000002.npz").stat().st_mtime_ns
+    run_sampling(load_model(str(ckpt)), out, num_samples=9, batch_size=3, chunk_size=3)
+    np.testing.assert_array_equal(load_samples(out), good)  # redrawn, the same images as before
+    assert (out / "chunks" / "chunk-000000.npz.bad").is_file() and (out / "chunks" / "chunk-000001.npz.bad").is_file()
+    assert (out / "chunks" / "chunk-000002.npz").stat().st_mtime_ns == untouched
