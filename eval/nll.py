@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, manifest_path, resolve
+from eval.common import EvalError, Precision, accelerator, add_model_args, check_resolution, load_model, manifest_path, resolve
 from eval.results import weights_sha256, write_result
 from pipeline.data import iter_split
 from pipeline.hub import Pretrained
@@ -112,6 +112,7 @@ def main(args) -> int:
         raise EvalError("no test data: pass --shards or set data.shards in the recipe")
     manifest = manifest_path(shards)
     split = resolve(args.split, r, "eval.nll_split")
+    check_resolution(shards, split, r)  # a bound on images of another size means nothing
     t_batch = resolve(args.t_batch, r, "eval.nll_t_batch")
     batch = resolve(args.batch_size, r, "eval.nll_batch_size")
     if batch <= 0 or t_batch <= 0:

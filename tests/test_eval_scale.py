@@ -283,3 +283,12 @@ def test_recipes_set_the_papers_fid_protocol(name):
     assert r.eval.num_samples == 50_000 and r.eval.sampler == "ancestral" and r.diffusion.timesteps == 1000
     # CIFAR-10: the whole 50k training split; the others: the first 50,000 of millions
     assert r.eval.fid_reference_count == (None if name == "cifar10" else 50_000)
+
+
+def test_nll_refuses_a_split_of_another_resolution(tmp_path, capsys):
+    ck = make_checkpoint(tmp_path / "ck")  # 8x8 model
+    big = make_folder_shards(tmp_path / "big", n=4, size=16, test_count=2)
+    code = eval_main(["nll", str(ck), "--shards", str(big), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "16x16" in err and "8x8" in err and err.strip().count("\n") == 0
+    assert not (tmp_path / "o" / "results.json").exists()
