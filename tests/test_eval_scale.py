@@ -292,3 +292,17 @@ def test_nll_refuses_a_split_of_another_resolution(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "16x16" in err and "8x8" in err and err.strip().count("\n") == 0
     assert not (tmp_path / "o" / "results.json").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_features_on_the_gpu_match_the_cpu(shards):
+    from eval.features import image_statistics, split_statistics
+
+    fe_cpu = load_extractor(register_tiny_features())
+    fe_gpu = load_extractor(register_tiny_features(), device="cuda")
+    x = _samples(n=33)
+    a, b = image_statistics(x, fe_cpu, batch_size=8), image_statistics(x, fe_gpu, batch_size=8, device="cuda")
+    np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-6, atol=1e-9)
+    r = split_statistics(str(shards), "train", fe_gpu, batch_size=8, device="cuda", limit=10)
+    assert r["n"] == 10 and np.isfinite(r["sigma"]).all()
