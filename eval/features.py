@@ -42,7 +42,7 @@ class ImageArray(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.images[i], order="C")).permute(2, 0, 1)  # a writable copy
 
 
 def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str | None = None, device="cpu",

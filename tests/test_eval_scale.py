@@ -12,6 +12,7 @@ from PIL import Image
 
 from eval.__main__ import main as eval_main
 from eval.features import Moments, features, load_extractor, load_stats, statistics
+from eval.outside import load_outside
 from eval.results import mark_paper_protocol
 from support.cli import PY, eval_env, run_eval
 from support.features import fid_by_hand, register_tiny_features, train_images
@@ -88,6 +89,10 @@ def test_adm_npz_and_png_folder_give_the_same_fid(shards, tmp_path):
     a = _fid(tmp_path, "--samples", tmp_path / "adm.npz", *ref)
     b = _fid(tmp_path, "--samples", folder, *ref)
     assert a["metrics"]["fid"] == b["metrics"]["fid"] and a["protocol"]["num_samples_scored"] == 17
+    # np.savez_compressed (read whole) and np.savez (memory-mapped, never copied per process) agree
+    np.savez_compressed(tmp_path / "adm_z.npz", arr_0=x)
+    assert _fid(tmp_path, "--samples", tmp_path / "adm_z.npz", *ref)["metrics"]["fid"] == a["metrics"]["fid"]
+    assert isinstance(load_outside(tmp_path / "adm.npz"), np.memmap)
 
 
 def test_eval_sample_writes_the_adm_npz(tmp_path):
