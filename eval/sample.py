@@ -148,7 +148,7 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
                  device=None, acc=None, stop_after_chunks: int | None = None) -> dict:
     """Draw the missing chunks of OUT; returns the protocol. `stop_after_chunks` (tests) ends
     the job early as a preemption would."""
-    if sampler == "ddim" and not steps:
+    if sampler == "ddim" and steps is None:
         raise EvalError("--sampler ddim needs --steps N")
     if sampler == "ddim" and not 1 <= steps <= loaded.diffusion.num_timesteps:
         raise EvalError(f"--steps {steps}: DDIM steps must be in [1, T = {loaded.diffusion.num_timesteps}]")
@@ -311,6 +311,9 @@ def sample_from_args(args, check=None):
         if value <= 0:
             raise EvalError(f"{name} {value}: must be a positive whole number")
     sampler = resolve(args.sampler, r, "eval.sampler")
+    if sampler == "ancestral" and args.steps is not None:
+        raise EvalError(f"--steps {args.steps}: ancestral sampling (Algorithm 2) takes all T = "
+                        f"{loaded.diffusion.num_timesteps} steps; --steps is for --sampler ddim")
     precision = resolve(args.precision, r, "eval.sampling_precision", r.eval.mixed_precision)
     acc = accelerator()
     proto = run_sampling(

@@ -187,6 +187,8 @@ def test_inception_score_offline_from_torch_fidelity_weights_file(tmp_path):
     (["--num-samples", "0"], "--num-samples 0"),
     (["--batch-size", "-1"], "--batch-size -1"),
     (["--sampler", "ddim", "--steps", "21"], "--steps 21"),
+    (["--sampler", "ddim", "--steps", "0"], "--steps 0"),
+    (["--steps", "5"], "ancestral sampling"),
     (["--feature-batch-size", "0"], "feature-batch-size"),
 ])
 def test_bad_sampling_arguments_are_errors_not_defaults(shards, tmp_path, args, words, capsys):
