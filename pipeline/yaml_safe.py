@@ -73,6 +73,8 @@ def load(text: str | bytes) -> Any:
         return loader.construct_document(node)
     except yaml.YAMLError as e:
         raise YamlError(_where(e)) from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise YamlError(f"refused: {str(e)[:120]}") from None
     except RecursionError:
         raise YamlError("refused: nested too deeply") from None
     finally:

@@ -245,7 +245,7 @@ def _sbatch_reason(text: str) -> str:
 def run(argv: list[str]) -> int:
     eval_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags and overrides in any order
     args.eval_args = eval_args
     spec, params, recipe = prepare(args, Path.cwd())
     if args.dry_run:
