@@ -21,8 +21,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline import recipe_checks
 from pipeline.atomic import write_text
 from pipeline.errors import UserError
+from pipeline.manifest import ManifestError, read_manifest
 from pipeline.presets import PRESETS
 from pipeline.yaml_safe import YamlError, short
 from pipeline.yaml_safe import load as _load_yaml
@@ -178,6 +180,16 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
     manifest = p / "manifest.json" if p.is_dir() else p
     if not manifest.is_file():
         raise RecipeError(f"{source}: data.shards: no manifest.json at '{shards}' (run data_prep first)")
+    try:  # the shards' resolution must be the model's, before a 113M-parameter model is built
+        m = read_manifest(manifest)
+    except ManifestError as e:
+        raise RecipeError(f"{source}: data.shards: {e}") from None
+    res = recipe.model.unet_kwargs()["resolution"]
+    if m.get("resolution") is not None and m["resolution"] != res:
+        raise RecipeError(f"{source}: model resolution {res} does not match the shards' resolution "
+                          f"{m['resolution']} ({manifest})")
+    if not m["splits"].get("train", {}).get("count"):
+        raise RecipeError(f"{source}: data.shards: {manifest} has no training samples")
 
 
 def _apply_override(data: dict, item: str, source: str) -> None:
@@ -327,6 +339,7 @@ def _check_values(r: Recipe, source: str) -> None:
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
+    recipe_checks.check(r, need)  # value ranges (issue 13): pipeline/recipe_checks.py
 
 
 def _plain(obj: Any) -> Any:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import glob as _glob
 import io
-import json
 import os
 import tarfile
 import warnings
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.manifest import ManifestError, read_manifest
 
 __all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample", "DECODERS"]
 
@@ -133,10 +133,10 @@ class ShardSet:
             p = Path(source)
             mpath = p / "manifest.json" if p.is_dir() else p
             if mpath.is_file() and mpath.suffix == ".json":
-                try:
-                    self.manifest = json.loads(mpath.read_text())
-                except ValueError as e:
-                    raise DataError(f"{mpath}: unreadable manifest ({e})") from None
+                try:  # checked: types, counts, plain shard names (pipeline/manifest.py)
+                    self.manifest = read_manifest(mpath)
+                except ManifestError as e:
+                    raise DataError(str(e)) from None
                 if split not in self.manifest.get("splits", {}):
                     raise DataError(f"{mpath}: no split {split!r} (has {', '.join(self.manifest.get('splits', {}))})")
                 shards = self.manifest["splits"][split]["shards"]

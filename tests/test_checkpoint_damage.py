@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 import torch
-from test_train import reset_accelerate
+from accelerate.state import AcceleratorState, GradientState
 
 from pipeline import checkpoint as ck
 from pipeline.config import RecipeError, load_recipe
@@ -23,6 +23,12 @@ from pipeline.train import EXIT_OK
 from pipeline.trainer import Hooks, NonFiniteLossError, train
 from pipeline.weights import LoadError
 from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, write_recipe
+
+
+def reset_accelerate():
+    """Accelerate keeps process-wide singletons; each in-process run starts clean."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
