@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 import warnings
@@ -190,6 +191,11 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
                           f"{m['resolution']} ({manifest})")
     if not m["splits"].get("train", {}).get("count"):
         raise RecipeError(f"{source}: data.shards: {manifest} has no training samples")
+    init = recipe.train.init_from
+    if init and not Path(init).exists():  # a Hub id is namespace/name, and not a local folder's child
+        parent = Path(init).parent
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", init) or (parent != Path(".") and parent.is_dir()):
+            raise RecipeError(f"{source}: train.init_from: {short(init)}: no such file or directory")
 
 
 def _apply_override(data: dict, item: str, source: str) -> None:
@@ -318,6 +324,7 @@ def _check_values(r: Recipe, source: str) -> None:
         if not ok:
             raise RecipeError(f"{source}: {key}: {what}")
 
+    recipe_checks.check(r, need)  # value ranges (issue 13): pipeline/recipe_checks.py
     if r.model.preset is not None:
         need(
             r.model.preset in PRESETS,
@@ -339,7 +346,6 @@ def _check_values(r: Recipe, source: str) -> None:
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
-    recipe_checks.check(r, need)  # value ranges (issue 13): pipeline/recipe_checks.py
 
 
 def _plain(obj: Any) -> Any:

@@ -20,7 +20,7 @@ MAX_BYTES = 1 << 20  # a recipe is a few KiB; 1 MiB is far beyond any real one
 MAX_NODES = 100_000  # nodes after expanding aliases (a full recipe has ~100)
 
 _short = reprlib.Repr()
-_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 60, 60, 6, 6, 2
+_short.maxstring, _short.maxother, _short.maxlist, _short.maxdict, _short.maxlevel = 240, 120, 6, 6, 2
 
 
 def short(value: Any) -> str:
