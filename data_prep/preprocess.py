@@ -13,6 +13,7 @@ pixels for the same decoded input.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -87,7 +88,14 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 def decode_image(data: bytes, resolution: int | None = None) -> Image.Image:
     """Decode encoded bytes fully (a truncated file raises here, not later). With `resolution`,
     an image of more than max_pixels(resolution) pixels is Refused from its header, undecoded."""
-    img = Image.open(io.BytesIO(data))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own guard (from ~89 Mpx) fires in open(), before ours can read the size.
+        raise Refused(f"decompression bomb? more than {Image.MAX_IMAGE_PIXELS} pixels > the limit of "
+                      f"{max_pixels(resolution or 1)} for --resolution {resolution}") from None
     if resolution is not None and img.width * img.height > max_pixels(resolution):
         raise Refused(f"decompression bomb? {img.width}x{img.height} pixels > the limit of "
                       f"{max_pixels(resolution)} for --resolution {resolution}")
