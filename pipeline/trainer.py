@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint
+from pipeline import build, checkpoint, integrity
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -243,6 +243,9 @@ def load_init_weights(src: str) -> dict:
             if found is None:
                 raise RecipeError(f"train.init_from: {src}: run directory has no complete checkpoint")
             p = found
+        why = integrity.damage(p) if (p / checkpoint.STATE_FILE).is_file() else None
+        if why is not None:
+            raise RecipeError(f"train.init_from: {src}: damaged checkpoint: {why}")
         for name in ("ema.safetensors", "model.safetensors"):
             if (p / name).is_file():
                 return load_state_dict(p / name)

@@ -11,6 +11,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +19,7 @@ from PIL import Image
 from data_prep.__main__ import main
 from data_prep.preprocess import max_pixels
 from data_prep.shards import prepare
-from data_prep.sources import FolderSource, PrepError
+from data_prep.sources import FolderSource, LsunSource, PrepError
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -103,6 +104,21 @@ def test_distinct_names_never_share_a_key(tmp_path):
     assert len(got) == len(names) == m["splits"]["train"]["count"]
     assert sorted(int(v[0, 0, 0]) for v in got.values()) == [10 * i for i in range(len(names))]
     assert "a_b" in got and "d/x" in got and "d_x" in got  # names that need no change keep them
+
+
+def test_lsun_keys_that_sanitise_alike_stay_distinct(tmp_path):
+    keys = [b"a b", b"a.b", b"a_b", b"a\xffb", b"a\xfeb"]  # the last two both decode to a\ufffdb
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i, k in enumerate(keys):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)).save(buf, format="PNG")
+            txn.put(k, buf.getvalue())
+    env.close()
+    m = prepare(LsunSource(tmp_path / "db"), tmp_path / "out", resolution=16, test_count=0, progress=False)
+    got = samples(tmp_path / "out")
+    assert len(got) == len(keys) == m["splits"]["train"]["count"] and "a_b" in got
+    assert sorted(int(v[0, 0, 0]) for v in got.values()) == [10 * i for i in range(len(keys))]
 
 
 @pytest.mark.parametrize("args, want", [

@@ -179,6 +179,7 @@ def recipe(tmp_path_factory):
     (["--mem-gb", "nan"], "--mem-gb must be a positive number"),
     (["--signal-delay-s", "-1"], "--signal-delay-s must be at least 0"),
     (["--max-requeues", "-1"], "--max-requeues must be at least 0"),
+    (["--job-dir", "jobs/a\ntouch pwned"], "a path with a line break"),
 ])
 def test_slurm_values_validated_before_any_script(recipe, capsys, args, want):
     assert submit_main([str(recipe), "--dry-run", "--cpu", *args]) == 2
