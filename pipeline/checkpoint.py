@@ -89,11 +89,13 @@ def _pointer_target(d: Path) -> Path | None:
     return d / name if STEP_RE.fullmatch(name) else None
 
 
-def latest_intact(run_dir: str | os.PathLike, *, set_aside: bool = False, report=log.warning) -> Path | None:
+def latest_intact(run_dir: str | os.PathLike, *, set_aside: bool = False, report=log.warning,
+                  missing_ok: bool = False) -> Path | None:
     """The newest checkpoint whose files match the checksums recorded when it was written; each
     newer damaged one is reported in one line and, with `set_aside` (resume), renamed to
     `.damaged-step-*` so that it is neither resumed nor counted when pruning. None when the run
-    has no checkpoint; CheckpointError when it has some and every one is damaged."""
+    has no checkpoint; CheckpointError when it has some and every one is damaged. `missing_ok`:
+    see `integrity.damage` (loading weights needs only some of the files)."""
     d = checkpoints_dir(run_dir)
     pointer = d / "latest"
     if pointer.is_file() and _pointer_target(d) is None:
@@ -104,7 +106,7 @@ def latest_intact(run_dir: str | os.PathLike, *, set_aside: bool = False, report
         found.append(named)
     damaged = []
     for ckpt in sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)), reverse=True):
-        why = integrity.damage(ckpt)
+        why = integrity.damage(ckpt, missing_ok)
         if why is None:
             if damaged:
                 report(f"{damaged[-1][0]}: damaged ({damaged[-1][1]}); using the previous complete checkpoint {ckpt.name}")

@@ -102,12 +102,12 @@ def find_checkpoint(path: Path) -> Path:
     one); LoadError when the run has none yet."""
     if not (path / "checkpoints").is_dir():
         if (path / STATE_FILE).is_file():  # a checkpoint directory: its files match their checksums
-            why = damage(path)
+            why = damage(path, missing_ok=True)  # a checkpoint without EMA still loads its raw weights
             if why is not None:
                 raise LoadError(f"{path}: damaged checkpoint: {why}")
         return path
     try:  # the newest checkpoint whose files match their checksums; newer damaged ones are reported
-        ckpt = latest_intact(path)
+        ckpt = latest_intact(path, missing_ok=True)
     except CheckpointError as e:
         raise LoadError(str(e)) from None
     if ckpt is None:

@@ -42,8 +42,10 @@ def digests(folder: str | os.PathLike) -> dict[str, dict]:
     return dict(sorted(out.items()))
 
 
-def damage(ckpt: str | os.PathLike) -> str | None:
-    """None if the checkpoint is whole and unaltered, else why not (one short phrase)."""
+def damage(ckpt: str | os.PathLike, missing_ok: bool = False) -> str | None:
+    """None if the checkpoint is whole and unaltered, else why not (one short phrase).
+    `missing_ok` (loading a model, which needs only some files): a listed file that is absent is
+    not damage, one that is present must match its checksum."""
     ckpt = Path(ckpt)
     try:
         state = json.loads((ckpt / STATE_FILE).read_bytes())
@@ -56,7 +58,7 @@ def damage(ckpt: str | os.PathLike) -> str | None:
     files = state.get("files")
     if files is None:  # written before checksums were recorded: only what can be seen
         missing = [n for n in REQUIRED if not (ckpt / n).is_file()]
-        return f"{missing[0]} is missing" if missing else None
+        return f"{missing[0]} is missing" if missing and not missing_ok else None
     if not isinstance(files, dict):
         return f"{STATE_FILE}: 'files' is not a mapping"
     for name in REQUIRED:
@@ -67,6 +69,8 @@ def damage(ckpt: str | os.PathLike) -> str | None:
             return f"{STATE_FILE} lists a bad file entry"
         p = ckpt / rel
         if not p.is_file():
+            if missing_ok:
+                continue
             return f"{rel[:100]} is missing"
         size = p.stat().st_size
         if size != rec.get("bytes"):
