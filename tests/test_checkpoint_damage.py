@@ -131,12 +131,13 @@ def test_load_verifies_checksums(run):
     assert load_pretrained(run).source.endswith("step-00000002/ema.safetensors")  # the run: newest intact
 
 
-@pytest.mark.parametrize("pointer", [b"../../outside\n", b"/etc\n", b"step-00000004/../../..\n",
+@pytest.mark.parametrize("pointer", [b"../../outside/step-00000009\n", b"{outside}/step-00000009\n",
+                                     b"../../outside\n", b"step-00000004/../../../outside/step-00000009\n",
                                      b"\xff\xfe" * 100, b"step-99999999\n", b""])
 def test_latest_pointer_never_leads_outside(tmp_path, run, pointer):
-    outside = tmp_path / "outside"
+    outside = tmp_path / "outside"  # a complete, newer checkpoint somewhere else
     shutil.copytree(run / "checkpoints" / "step-00000004", outside / "step-00000009")
-    (run / "checkpoints" / "latest").write_bytes(pointer)
+    (run / "checkpoints" / "latest").write_bytes(pointer.replace(b"{outside}", str(outside).encode()))
     lines = []
     got = ck.latest_intact(run, report=lines.append)
     assert got == run / "checkpoints" / "step-00000004" and ck.latest_checkpoint(run) == got
