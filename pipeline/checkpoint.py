@@ -140,7 +140,9 @@ def check_resumable(ckpt: Path, recipe: Recipe) -> None:
     except RecipeError:
         return  # an old or unreadable config: Accelerate's own load decides
     a, b = saved.model.unet_kwargs(), recipe.model.unet_kwargs()
-    changed = [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    # The architecture; dropout changes no weight and may be changed on resume.
+    changed = [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+               if k != "dropout" and a.get(k) != b.get(k)]
     if saved.train.seed != recipe.train.seed:
         changed.append(f"train.seed: {saved.train.seed} -> {recipe.train.seed}")
     if changed:
