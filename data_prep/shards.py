@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.preprocess import DEFAULT_FORMAT, PNG_LEVEL, TooSmall, center_crop_resize, encode, process_bytes
+from data_prep.preprocess import DEFAULT_FORMAT, PNG_LEVEL, Refused, TooSmall, center_crop_resize, encode, process_bytes
 from data_prep.sources import PrepError
 from pipeline.atomic import atomic_path, remove_temporaries, write_json
 
@@ -97,12 +97,12 @@ def _work(task):
             img = center_crop_resize(Image.fromarray(raw), _W["res"], _W["up"])
             return key, encode(img, _W["fmt"], _W["q"], _W["lvl"]), None
         return key, process_bytes(raw, _W["res"], _W["fmt"], _W["q"], _W["up"], _W["lvl"]), None
-    except TooSmall as e:
-        return key, None, str(e)
+    except (TooSmall, Refused) as e:
+        return key, None, str(e)[:300]
     except Exception as e:  # a corrupt input never stops the run; it is recorded
         msg = re.sub(r" <[^>]* at 0x[0-9a-f]+>", "", str(e)) or type(e).__name__  # no memory addresses
         kind = "truncated file" if "truncated" in msg.lower() else "undecodable bytes"
-        return key, None, f"{kind}: {type(e).__name__}: {msg}"
+        return key, None, f"{kind}: {type(e).__name__}: {msg[:300]}"
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -145,7 +145,15 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
     manifest. Idempotent: a complete output is left alone, a partial one is finished."""
     out = Path(out)
     items = source.items(limit)
-    plan = make_plan(assign_splits(items, test_count, test_fraction), shard_size)
+    keys = [k for k, _, _ in items]
+    if len(set(keys)) != len(keys):  # two samples under one key: the loader would see one of them
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise PrepError(f"{source.path}: two inputs map to the key {dup[:100]!r}; nothing written")
+    splits = assign_splits(items, test_count, test_fraction)
+    if not splits["train"]:
+        raise PrepError(f"{source.path}: all {len(items)} inputs went to the test split; nothing left to "
+                        "train on (lower --test-count / --test-fraction)")
+    plan = make_plan(splits, shard_size)
     describe = {"dataset": source.kind, "source": str(source.path), "resolution": resolution,
                 "format": fmt, "quality": quality if fmt == "jpg" else None,
                 "png_level": png_level if fmt == "png" else None,
@@ -208,6 +216,10 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
             source.close()  # py-lmdb allows one open environment per path and process
 
     records = [record(name) for name, _, _ in plan]
+    if not sum(r["count"] for r in records if r["split"] == "train"):
+        first = next((sk for r in records for sk in r["skipped"] if sk["split"] == "train"), None)
+        why = f" (first: {first['key'][:100]}: {first['reason']})" if first else ""
+        raise PrepError(f"{out}: 0 training samples: every train input was skipped{why}; no manifest.json written")
     manifest = {
         **describe, "tool": TOOL, "plan_digest": digest, "command": command,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

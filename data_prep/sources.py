@@ -8,14 +8,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
 import re
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
+from data_prep import safe_pickle
 from pipeline.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".gif"}
@@ -30,6 +31,20 @@ class PrepError(UserError):
 def safe_key(text: str) -> str:
     """A WebDataset key: no dots (WebDataset splits a member name at its first dot)."""
     return re.sub(r"[^A-Za-z0-9_/-]", "_", text).strip("/") or "_"
+
+
+def unique_key(name: str, seen: set, ident: bytes | None = None) -> str:
+    """safe_key(name), never one already in `seen` (which it joins). Sanitising loses
+    information (`a b`, `a.b` and `a_b` all give `a_b`), so a name it changed also carries a
+    hash of the original (`ident`, default its UTF-8 bytes): distinct inputs, distinct keys."""
+    key = safe_key(name)
+    if key != name or key in seen:
+        raw = ident if ident is not None else name.encode("utf-8", "surrogateescape")
+        key = f"{key}-{hashlib.sha1(raw).hexdigest()[:10]}"
+    while key in seen:  # a literal name that happens to equal another's hashed key
+        key += "_"
+    seen.add(key)
+    return key
 
 
 class LsunSource:
@@ -59,10 +74,10 @@ class LsunSource:
     def items(self, limit: int | None = None):
         """[(key, None, raw_key)] in LMDB key order (the split is decided later, by key hash)."""
         env = self._open()
-        out = []
+        out, seen = [], set()
         with env.begin() as txn:
             for raw in txn.cursor().iternext(keys=True, values=False):
-                out.append((safe_key(raw.decode("utf-8", "replace")), None, bytes(raw)))
+                out.append((unique_key(raw.decode("utf-8", "replace"), seen, bytes(raw)), None, bytes(raw)))
                 if limit is not None and len(out) >= limit:
                     break
         self.close()
@@ -103,10 +118,9 @@ class FolderSource:
         out, seen = [], set()
         for f in files:
             rel = f.relative_to(self.path)
-            key = safe_key(str(rel.with_suffix("")))
-            if key in seen:  # a.png and a.jpg side by side: keep both, name both
-                key = safe_key(str(rel))
-            seen.add(key)
+            stem = str(rel.with_suffix(""))
+            # a.png and a.jpg side by side: keep both, name both
+            key = unique_key(str(rel) if safe_key(stem) in seen else stem, seen)
             out.append((key, None, str(f)))
         return out
 
@@ -132,10 +146,15 @@ class Cifar10Source:
     def _batch(self, name: str) -> np.ndarray:
         try:
             with open(self.path / name, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            data = np.asarray(d[b"data"], dtype=np.uint8)
+                d = safe_pickle.load(f, encoding="bytes")  # never pickle.load: it runs what the file names
+            raw = d[b"data"]
+            if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8:
+                raise ValueError(f"data is {type(raw).__name__} {getattr(raw, 'dtype', '')}, expected a uint8 array")
+            data = raw
+        except safe_pickle.RefusedPickle as e:
+            raise PrepError(f"{self.path / name}: {e}") from None
         except Exception as e:  # any unreadable pickle is a user error here
-            raise PrepError(f"{self.path / name}: not a CIFAR-10 batch ({type(e).__name__}: {e})") from None
+            raise PrepError(f"{self.path / name}: not a CIFAR-10 batch ({type(e).__name__}: {str(e)[:200]})") from None
         if data.ndim != 2 or data.shape[1] != 3072:
             raise PrepError(f"{self.path / name}: data has shape {data.shape}, expected [N, 3072]")
         return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # rows are CHW planes -> HWC

@@ -26,8 +26,9 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipeline import atomic
-from pipeline.config import Recipe, RecipeError, save_recipe
+from pipeline import atomic, integrity
+from pipeline.config import Recipe, RecipeError, load_recipe, save_recipe
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,13 @@ def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written (disk full) or none intact to resume from."""
+
+
 def is_complete(ckpt: Path) -> bool:
-    return bool(STEP_RE.match(ckpt.name)) and (ckpt / STATE_FILE).is_file()
+    # Never a symlink: a checkpoint is a directory inside the run's checkpoints/ folder.
+    return bool(STEP_RE.match(ckpt.name)) and not ckpt.is_symlink() and (ckpt / STATE_FILE).is_file()
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -64,14 +70,84 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """
     d = checkpoints_dir(run_dir)
     candidates = list_checkpoints(run_dir)
-    pointer = d / "latest"
-    if pointer.is_file():
-        named = d / pointer.read_text().strip()
-        if named.is_dir() and is_complete(named) and named not in candidates:
-            candidates.append(named)
+    named = _pointer_target(d)
+    if named is not None and named.is_dir() and is_complete(named) and named not in candidates:
+        candidates.append(named)
     if not candidates:
         return None
     return max(candidates, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def _pointer_target(d: Path) -> Path | None:
+    """The checkpoint `latest` names, or None. Only a plain `step-XXXXXXXX` name is followed: the
+    pointer can never lead outside the checkpoints folder (`../x`, `/abs`, a long or binary file)."""
+    pointer = d / "latest"
+    if not pointer.is_file() or pointer.is_symlink():
+        return None
+    with open(pointer, "rb") as f:
+        name = f.read(64).decode("ascii", "replace").strip()
+    return d / name if STEP_RE.fullmatch(name) else None
+
+
+def latest_intact(run_dir: str | os.PathLike, *, set_aside: bool = False, report=log.warning,
+                  missing_ok: bool = False) -> Path | None:
+    """The newest checkpoint whose files match the checksums recorded when it was written; each
+    newer damaged one is reported in one line and, with `set_aside` (resume), renamed to
+    `.damaged-step-*` so that it is neither resumed nor counted when pruning. None when the run
+    has no checkpoint; CheckpointError when it has some and every one is damaged. `missing_ok`:
+    see `integrity.damage` (loading weights needs only some of the files)."""
+    d = checkpoints_dir(run_dir)
+    pointer = d / "latest"
+    if pointer.is_file() and _pointer_target(d) is None:
+        report(f"{pointer}: damaged (does not name a step-XXXXXXXX checkpoint); ignored")
+    found = list_checkpoints(run_dir)
+    named = latest_checkpoint(run_dir)
+    if named is not None and named not in found:
+        found.append(named)
+    damaged = []
+    for ckpt in sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)), reverse=True):
+        why = integrity.damage(ckpt, missing_ok)
+        if why is None:
+            if damaged:
+                report(f"{damaged[-1][0]}: damaged ({damaged[-1][1]}); using the previous complete checkpoint {ckpt.name}")
+            return ckpt
+        damaged.append((ckpt, why))
+        if set_aside:
+            target = ckpt.with_name(f".damaged-{ckpt.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(ckpt, target)
+    if damaged:
+        raise CheckpointError(f"{checkpoints_dir(run_dir)}: every checkpoint is damaged (newest: {damaged[0][0].name}: "
+                              f"{damaged[0][1]}); nothing to resume from")
+    return None
+
+
+def resume_point(run_dir: str | os.PathLike, acc) -> Path | None:
+    """The checkpoint every process resumes from: the main process verifies and sets damaged
+    ones aside, then all read the same answer."""
+    if acc.is_main_process:
+        latest_intact(run_dir, set_aside=True, report=lambda m: print(m, flush=True))
+    acc.wait_for_everyone()
+    return latest_checkpoint(run_dir)
+
+
+def check_resumable(ckpt: Path, recipe: Recipe) -> None:
+    """Refuse, before anything is built or written, a recipe whose model or seed differs from the
+    checkpoint's (its weights would not load; its data order would silently change)."""
+    try:
+        saved = load_recipe(Path(ckpt) / "config.yaml")
+    except RecipeError:
+        return  # an old or unreadable config: Accelerate's own load decides
+    a, b = saved.model.unet_kwargs(), recipe.model.unet_kwargs()
+    # The architecture; dropout changes no weight and may be changed on resume.
+    changed = [f"model.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+               if k != "dropout" and a.get(k) != b.get(k)]
+    if saved.train.seed != recipe.train.seed:
+        changed.append(f"train.seed: {saved.train.seed} -> {recipe.train.seed}")
+    if changed:
+        raise RecipeError(f"{ckpt}: this run was trained with another recipe ({'; '.join(changed)[:300]}); "
+                          "resume it with its own, or use a new run.output_dir")
 
 
 def read_trainer_state(ckpt: Path) -> dict:
@@ -97,24 +173,41 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, *, acc, net, ema, re
     if acc.is_main_process:
         begin(run_dir, step)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
-    # Every rank's EMA digest: they must agree (DDP / ZeRO-2 keep the weights replicated).
-    digests = gather_object([ema.digest()])
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if len(set(digests)) != 1:
-            log.error("EMA differs between ranks at step %d: %s", step, digests)
-        weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in net.state_dict().items()}
-        save_file(weights, str(tmp / "model.safetensors"))
-        save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
-        if in_save is not None:
-            in_save(step, tmp)
-        save_recipe(recipe, tmp / "config.yaml")
-        # Last: marks the directory whole. No fsync here: commit() fsyncs the whole directory.
-        atomic.write_json(tmp / STATE_FILE, {**state, "ema_sha256_by_rank": digests})
-        commit(run_dir, tmp, step, keep)
+    try:
+        acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
+        # Every rank's EMA digest: they must agree (DDP / ZeRO-2 keep the weights replicated).
+        digests = gather_object([ema.digest()])
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if len(set(digests)) != 1:
+                log.error("EMA differs between ranks at step %d: %s", step, digests)
+            weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in net.state_dict().items()}
+            save_file(weights, str(tmp / "model.safetensors"))
+            save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
+            if in_save is not None:
+                in_save(step, tmp)
+            save_recipe(recipe, tmp / "config.yaml")
+            # Last: marks the directory whole, with the checksums that resume verifies.
+            # No fsync here: commit() fsyncs the whole directory.
+            atomic.write_json(tmp / STATE_FILE, {**state, "ema_sha256_by_rank": digests,
+                                                 "files": integrity.digests(tmp)})
+            commit(run_dir, tmp, step, keep)
+    except Exception as e:
+        if not integrity.is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint; the previous one is untouched
+        free = shutil.disk_usage(checkpoints_dir(run_dir)).free
+        prev = latest_checkpoint(run_dir)
+        raise CheckpointError(f"{checkpoints_dir(run_dir)}: no space to write checkpoint {step_name(step)} "
+                              f"({free / 2**20:.0f} MiB free there; {one_line_reason(e)}); partial checkpoint "
+                              f"removed, newest complete one: {prev.name if prev else 'none'}") from None
     acc.wait_for_everyone()
     return checkpoints_dir(run_dir) / step_name(step)
+
+
+def one_line_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:120]
 
 
 def restore(ckpt: Path, *, acc, ema, loader, global_batch: int, deepspeed: bool) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 import warnings
@@ -21,9 +22,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pipeline import recipe_checks
 from pipeline.atomic import write_text
 from pipeline.errors import UserError
+from pipeline.manifest import ManifestError, read_manifest
 from pipeline.presets import PRESETS
+from pipeline.yaml_safe import YamlError, short
+from pipeline.yaml_safe import load as _load_yaml
+from pipeline.yaml_safe import load_file as _load_yaml_file
 
 
 class RecipeError(UserError):
@@ -154,14 +160,18 @@ def load_recipe(path: str | os.PathLike, overrides: typing.Iterable[str] = ()) -
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}".splitlines()[0]) from None
+        data = _load_yaml_file(path) or {}
+    except YamlError as e:
+        raise RecipeError(f"{path}: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    overrides = list(overrides)
     for item in overrides:
         _apply_override(data, item, str(path))
-    return Recipe.from_dict(data, source=str(path))
+    try:
+        return Recipe.from_dict(data, source=str(path))
+    except RecipeError as e:
+        raise _blame_override(e, str(path), overrides) from None
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
@@ -178,23 +188,52 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
     manifest = p / "manifest.json" if p.is_dir() else p
     if not manifest.is_file():
         raise RecipeError(f"{source}: data.shards: no manifest.json at '{shards}' (run data_prep first)")
+    try:  # the shards' resolution must be the model's, before a 113M-parameter model is built
+        m = read_manifest(manifest)
+    except ManifestError as e:
+        raise RecipeError(f"{source}: data.shards: {e}") from None
+    res = recipe.model.unet_kwargs()["resolution"]
+    if m.get("resolution") is not None and m["resolution"] != res:
+        raise RecipeError(f"{source}: model resolution {res} does not match the shards' resolution "
+                          f"{m['resolution']} ({manifest})")
+    if not m["splits"].get("train", {}).get("count"):
+        raise RecipeError(f"{source}: data.shards: {manifest} has no training samples")
+    init = recipe.train.init_from
+    if init and not Path(init).exists():  # a Hub id is namespace/name, and not a local folder's child
+        parent = Path(init).parent
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", init) or (parent != Path(".") and parent.is_dir()):
+            raise RecipeError(f"{source}: train.init_from: {short(init)}: no such file or directory")
 
 
 def _apply_override(data: dict, item: str, source: str) -> None:
+    where = f"command line override {short(item)} (recipe {source})"
     if "=" not in item:
-        raise RecipeError(f"{source}: override '{item}' is not of the form section.key=value")
+        raise RecipeError(f"{where}: not of the form section.key=value")
     key, _, raw = item.partition("=")
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise RecipeError(f"{source}: override key '{key}' must be section.key, e.g. train.lr")
+        raise RecipeError(f"{where}: the key must be section.key, e.g. train.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = _load_yaml(raw) if raw.strip() else None
+    except YamlError as e:
+        if str(e).startswith("refused"):
+            raise RecipeError(f"{where}: {e}") from None
+        value = raw  # not YAML: the plain string (run.name=a:b)
     section = data.setdefault(parts[0], {})
     if not isinstance(section, dict):
-        raise RecipeError(f"{source}: '{parts[0]}' is not a section")
+        raise RecipeError(f"{where}: '{short(parts[0])}' is not a section")
     section[parts[1]] = value
+
+
+def _blame_override(e: RecipeError, source: str, overrides: list[str]) -> RecipeError:
+    """An error about a key that a command-line override set says so, not that the file is wrong."""
+    msg = str(e)
+    rest = msg[len(source) + 2:] if msg.startswith(f"{source}: ") else msg
+    for item in reversed(overrides):
+        key = item.partition("=")[0].strip()
+        if rest.startswith((f"{key}:", f"{key}[")) or rest.startswith(f"unknown key '{key}'"):
+            return RecipeError(f"command line override {short(item)} (recipe {source}): {rest}")
+    return e
 
 
 # Names other code bases use for our keys, which a string match would not find.
@@ -233,7 +272,7 @@ def _build(cls, d: Any, source: str, prefix: str):
             continue
         if key not in fields:
             raise RecipeError(
-                f"{source}: unknown key '{prefix}{key}'{_closest(str(key), fields, prefix)}"
+                f"{source}: unknown key '{prefix}{str(key)[:60]}'{_closest(str(key)[:60], fields, prefix)}"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -254,17 +293,17 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
                 return _coerce(value, arg, source, key)
             except RecipeError:
                 pass
-        raise RecipeError(f"{source}: {key}: expected {_name(hint)}, got {value!r}")
+        raise RecipeError(f"{source}: {key}: expected {_name(hint)}, got {short(value)}")
     if origin is Literal:
         if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
             value = "no"
         if value not in args:
             options = ", ".join(repr(a) for a in args)
-            raise RecipeError(f"{source}: {key}: {value!r} is not one of {options}")
+            raise RecipeError(f"{source}: {key}: {short(value)} is not one of {options}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{source}: {key}: expected a list, got {value!r}")
+            raise RecipeError(f"{source}: {key}: expected a list, got {short(value)}")
         item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(item_types) != len(value):
             raise RecipeError(f"{source}: {key}: expected {len(item_types)} items, got {len(value)}")
@@ -280,7 +319,7 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         return value
     if hint in (bool, str) and isinstance(value, hint):
         return value
-    raise RecipeError(f"{source}: {key}: expected {_name(hint)}, got {value!r}")
+    raise RecipeError(f"{source}: {key}: expected {_name(hint)}, got {short(value)}")
 
 
 def _name(hint: Any) -> str:
@@ -292,6 +331,7 @@ def _check_values(r: Recipe, source: str) -> None:
         if not ok:
             raise RecipeError(f"{source}: {key}: {what}")
 
+    recipe_checks.check(r, need)  # value ranges (issue 13): pipeline/recipe_checks.py
     if r.model.preset is not None:
         need(
             r.model.preset in PRESETS,

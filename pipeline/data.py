@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import glob as _glob
 import io
-import json
 import os
 import tarfile
 import warnings
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UserError
+from pipeline.manifest import ManifestError, read_manifest
 
 __all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample", "DECODERS"]
 
@@ -133,10 +133,10 @@ class ShardSet:
             p = Path(source)
             mpath = p / "manifest.json" if p.is_dir() else p
             if mpath.is_file() and mpath.suffix == ".json":
-                try:
-                    self.manifest = json.loads(mpath.read_text())
-                except ValueError as e:
-                    raise DataError(f"{mpath}: unreadable manifest ({e})") from None
+                try:  # checked: types, counts, plain shard names (pipeline/manifest.py)
+                    self.manifest = read_manifest(mpath)
+                except ManifestError as e:
+                    raise DataError(str(e)) from None
                 if split not in self.manifest.get("splits", {}):
                     raise DataError(f"{mpath}: no split {split!r} (has {', '.join(self.manifest.get('splits', {}))})")
                 shards = self.manifest["splits"][split]["shards"]
@@ -153,6 +153,7 @@ class ShardSet:
             raise DataError(f"{missing[0]}: shard listed but missing ({len(missing)} missing)")
         self.paths = paths
         self._members: dict[int, _Members] = {}
+        self._broken: dict[int, str] = {}  # shard -> why it cannot be read
         self._keys: tuple[int, list[str]] = (-1, [])
         if self.manifest is None:
             counts = [len(self.members(i)) for i in range(len(paths))]
@@ -166,11 +167,25 @@ class ShardSet:
         return int(self.starts[-1])
 
     def members(self, s: int) -> _Members:
+        if s in self._broken:  # found unreadable once: every later sample of it fails fast
+            raise DataError(self._broken[s])
         if s not in self._members:
-            self._members[s] = _Members(self.paths[s])
-            if self.manifest is not None and len(self._members[s]) != self.counts[s]:
-                raise DataError(f"{self.paths[s]}: {len(self._members[s])} samples, manifest says {self.counts[s]}")
+            try:
+                m = _Members(self.paths[s])
+                if self.manifest is not None and len(m) != self.counts[s]:
+                    raise DataError(f"{self.paths[s]}: {len(m)} samples, manifest says {self.counts[s]} (truncated?)")
+            except DataError as e:
+                self._broken[s] = str(e)
+                raise
+            self._members[s] = m
         return self._members[s]
+
+    def safe_key(self, i: int) -> str:
+        """key(i), or `#j` (its place in the shard) when the shard cannot be read."""
+        try:
+            return self.key(i)
+        except (DataError, tarfile.TarError, OSError):
+            return f"#{self.locate(i)[1]}"
 
     def keys(self, s: int) -> list[str]:
         """The sample keys of shard s (read again from the tar: only error messages and eval need them)."""
@@ -235,11 +250,9 @@ class _Batches(torch.utils.data.Dataset):
                 if imgs and imgs[0] is not None and x.shape != imgs[0].shape:
                     raise ValueError(f"shape {x.shape} differs from the batch's {imgs[0].shape}")
                 imgs.append(x)
-            except DataError:
-                raise
-            except Exception as e:  # any undecodable sample is skipped and reported
+            except Exception as e:  # an undecodable sample or unreadable shard is skipped and reported
                 imgs.append(None)
-                bad.append((path, self.shards.key(i), f"{type(e).__name__}: {e}"))
+                bad.append((path, self.shards.safe_key(i), f"{type(e).__name__}: {str(e)[:200]}"))
         good = [k for k, x in enumerate(imgs) if x is not None]
         if not good:
             raise DataError(f"{bad[0][0]}: every sample of a batch is corrupt (first: {bad[0][1]}: {bad[0][2]})")
@@ -373,6 +386,9 @@ class TrainLoader:
         for path, key, reason in bad:
             self.skipped += 1
             self.corrupt.setdefault(f"{path}:{key}", reason)
+            # In the training log as it happens, not only in trainer_state.json.
+            print(f"data (rank {self.rank}): corrupt sample {key} in {path} replaced ({reason}); "
+                  f"{len(self.corrupt)} distinct so far, max_corrupt={self.max_corrupt}", flush=True)
             if len(self.corrupt) > self.max_corrupt:
                 self.close()
                 raise DataError(f"{path}: corrupt sample {key} ({reason}); {len(self.corrupt)} corrupt "

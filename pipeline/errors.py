@@ -22,9 +22,13 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR
 
 
+MAX_MESSAGE = 1000  # characters: a message never echoes an unbounded value (a 1 GB override)
+
+
 def one_line(e: BaseException) -> str:
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= MAX_MESSAGE else line[:MAX_MESSAGE] + " [...]"
 
 
 def run_cli(main: Callable[..., int | None], *args, **kwargs) -> int:

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from pipeline import build, convert
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.checkpoint import STATE_FILE, CheckpointError, latest_intact
 from pipeline.config import ModelConfig, Recipe, RecipeError, load_recipe
 from pipeline.diffusion import GaussianDiffusion
+from pipeline.integrity import damage
 from pipeline.weights import LoadError, load_state_dict
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,23 @@ def load_pretrained(src: str | os.PathLike, revision: str | None = None, use_ema
     s = str(src)
     if not REPO_ID.fullmatch(s):
         raise LoadError(f"{s}: no such file or directory, and not a Hub repo id (namespace/name)")
+    local = _local_parent(s)
+    if local is not None:  # runs/typo: a mistyped path, not a request to the Hub
+        raise LoadError(f"{s}: no such file or directory ({local}/ exists here, so this is read as a local "
+                        "path, not a Hub repo id)")
     folder, source = _fetch_from_hub(s, revision, use_ema)
     return _load_local(folder, use_ema, source=source)
 
 
+def _local_parent(s: str) -> str | None:
+    """The existing local folder that `namespace/name` starts with, or None (a Hub repo id then)."""
+    parent = Path(s).parent
+    return str(parent) if parent != Path(".") and parent.is_dir() else None
+
+
 def _load_local(path: Path, use_ema: bool, source: str | None) -> Pretrained:
+    if path.is_file() and (path.parent / STATE_FILE).is_file():
+        find_checkpoint(path.parent)  # a weights file inside a checkpoint: verify its checksums
     if path.is_file():
         if path.suffix != ".safetensors" and path.suffix not in (".bin", ".pt", ".pth"):
             raise LoadError(f"{path}: expected a .safetensors file, a checkpoint or run directory, or a folder")
@@ -88,8 +101,15 @@ def find_checkpoint(path: Path) -> Path:
     """`path` itself, or for a run directory its newest complete checkpoint (never a half-written
     one); LoadError when the run has none yet."""
     if not (path / "checkpoints").is_dir():
+        if (path / STATE_FILE).is_file():  # a checkpoint directory: its files match their checksums
+            why = damage(path, missing_ok=True)  # a checkpoint without EMA still loads its raw weights
+            if why is not None:
+                raise LoadError(f"{path}: damaged checkpoint: {why}")
         return path
-    ckpt = latest_checkpoint(path)
+    try:  # the newest checkpoint whose files match their checksums; newer damaged ones are reported
+        ckpt = latest_intact(path, missing_ok=True)
+    except CheckpointError as e:
+        raise LoadError(str(e)) from None
     if ckpt is None:
         raise LoadError(f"{path}: run directory has no complete checkpoint yet")
     return Path(ckpt)

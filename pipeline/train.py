@@ -37,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # flags and overrides in any order
 
 
 def main(argv=None, hooks=None) -> int:

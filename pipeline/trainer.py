@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint, snapshots
+from pipeline import build, checkpoint, integrity, snapshots
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -201,10 +201,7 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
     set_seed(tc.seed)
     model = build.unet(recipe.model)
     if init_weights and tc.init_from:
-        missing, unexpected = model.load_state_dict(load_init_weights(tc.init_from), strict=False)
-        if missing or unexpected:
-            raise RecipeError(f"train.init_from: {tc.init_from}: weights do not fit model "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_fitting(model, load_init_weights(tc.init_from), tc.init_from)
     ema = EMA(model, tc.ema_decay, device=rt.device)
     diffusion = build.diffusion(recipe.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas,
@@ -212,13 +209,24 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale(run_dir)
-        save_recipe(recipe, run_dir / "config.yaml")
     rt.acc.wait_for_everyone()
     model, optimizer = rt.acc.prepare(model, optimizer)
     loader = TrainLoader(recipe.data.shards, batch_size=rt.micro, rank=rt.rank, world_size=rt.world,
                          seed=tc.seed, random_flip=recipe.data.random_flip,
                          num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt)
     return Parts(model, rt.acc.unwrap_model(model), optimizer, ema, diffusion, loader)
+
+
+def load_fitting(model: torch.nn.Module, weights: dict, src: str) -> None:
+    """Load `weights` into `model` when every key and shape matches; else one line saying what differs."""
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in weights], [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} != {tuple(own[k].shape)}" for k in own
+              if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise RecipeError(f"train.init_from: {src}: weights do not fit the model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}, shapes {shapes[:2]})")
+    model.load_state_dict(weights)
 
 
 def load_init_weights(src: str) -> dict:
@@ -231,10 +239,13 @@ def load_init_weights(src: str) -> dict:
         return load_state_dict(p)
     if p.is_dir():
         if (p / "checkpoints").is_dir():
-            found = checkpoint.latest_checkpoint(p)
+            found = checkpoint.latest_intact(p)
             if found is None:
                 raise RecipeError(f"train.init_from: {src}: run directory has no complete checkpoint")
             p = found
+        why = integrity.damage(p) if (p / checkpoint.STATE_FILE).is_file() else None
+        if why is not None:
+            raise RecipeError(f"train.init_from: {src}: damaged checkpoint: {why}")
         for name in ("ema.safetensors", "model.safetensors"):
             if (p / name).is_file():
                 return load_state_dict(p / name)
@@ -269,7 +280,9 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
     rt = setup_runtime(recipe)
 
     # Model, EMA, optimizer, loader; fine-tuning weights only for a fresh run.
-    ckpt = checkpoint.latest_checkpoint(run_dir)
+    ckpt = checkpoint.resume_point(run_dir, rt.acc)  # the newest intact one; damaged ones reported
+    if ckpt is not None:
+        checkpoint.check_resumable(ckpt, recipe)
     parts = build_parts(recipe, rt, init_weights=ckpt is None)
 
     # Resume: weights, optimizer, RNG states, EMA, loader position, counters.
@@ -280,6 +293,8 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
         state = TrainState.from_saved(saved)
         if rt.main:
             print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    if rt.main:  # only once the recipe is accepted: a refused resume leaves config.yaml as it was
+        save_recipe(recipe, run_dir / "config.yaml")
 
     # The loop: an optimizer step, its log, a sample grid and a checkpoint when due.
     progress = Progress(recipe, rt.acc, state.step, parts.loader.position) if rt.main else None
@@ -290,9 +305,10 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
             result = train_step(rt, parts, state, tc, stop, hooks)
             if progress is not None:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
-            if rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
+            due = not result.skipped  # a non-finite step is not a step: nothing is due, nothing saved
+            if due and rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
                 write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
-            if rt.main and tc.snapshot_every > 0 and state.step % tc.snapshot_every == 0:
+            if due and rt.main and tc.snapshot_every > 0 and state.step % tc.snapshot_every == 0:
                 snapshots.write_snapshot(run_dir, state.step, parts.ema.state_dict(), recipe)
             if result.stop:
                 save(recipe, rt, parts, state, hooks)
@@ -300,8 +316,12 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
                     print(f"stop signal: saved step {state.step}, exiting {EXIT_REQUEUE}", flush=True)
                 code = EXIT_REQUEUE
                 break
-            if state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps:
+            if due and (state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps):
                 save(recipe, rt, parts, state, hooks)
+    except NonFiniteLossError as e:
+        newest = checkpoint.latest_checkpoint(run_dir)
+        e.args = (f"{e}; the newest good checkpoint is {newest or 'none (no checkpoint was saved)'}",)
+        raise
     finally:
         stop.uninstall()
         parts.loader.close()
@@ -358,7 +378,8 @@ def train_step(rt: Runtime, parts: Parts, state: TrainState, tc: TrainConfig, st
             state.fp16_overflows += 1
         else:
             parts.ema.update(parts.net)
-    state.step = step + 1
+    if not bad:  # a skipped step is not counted: the step number, lr and schedule stay where they were
+        state.step = step + 1
     return StepResult(lr, 0.0 if bad else loss_sum / rt.accum, gnorm, bad, stop_any)
 
 
@@ -417,8 +438,11 @@ def agree_across_ranks(acc: Accelerator, loss: torch.Tensor, stop_requested: boo
 
 
 def save(recipe: Recipe, rt: Runtime, parts: Parts, state: TrainState, hooks: Hooks) -> Path:
-    """Checkpoint the current step (every process takes part)."""
+    """Checkpoint the current step (every process takes part); never non-finite weights."""
     tc, loader = recipe.train, parts.loader
+    bad = nonfinite_weights(parts)
+    if bad is not None:
+        raise NonFiniteLossError(f"step {state.step}: {bad} holds non-finite values; not saved")
     trainer_state = {
         "step": state.step, "samples_seen": loader.position, "data": loader.state_dict(),
         "world_size": rt.world, "global_batch_size": tc.global_batch_size,
@@ -431,6 +455,17 @@ def save(recipe: Recipe, rt: Runtime, parts: Parts, state: TrainState, hooks: Ho
     return checkpoint.write_checkpoint(recipe.run.output_dir, state.step, acc=rt.acc, net=parts.net, ema=parts.ema,
                                        recipe=recipe, state=trainer_state, keep=tc.keep_checkpoints,
                                        in_save=hooks.in_save)
+
+
+def nonfinite_weights(parts: Parts) -> Optional[str]:
+    """The name of the first weight (or EMA weight) with a NaN or inf, or None."""
+    for name, p in parts.net.named_parameters():
+        if not bool(torch.isfinite(p.detach()).all()):
+            return name
+    for i, p in enumerate(parts.ema.shadow):
+        if not bool(torch.isfinite(p).all()):
+            return f"EMA weight {i}"
+    return None
 
 
 class Progress:
@@ -449,8 +484,8 @@ class Progress:
         """After the optimizer step that made the step count `step`."""
         self.sums += torch.tensor([r.loss, r.grad_norm if math.isfinite(r.grad_norm) else 0.0,
                                    0.0 if r.skipped else 1.0], dtype=torch.float64)
-        self.bar.update(1)
-        if step % self.tc.log_every and step != self.tc.max_steps:
+        self.bar.update(0 if r.skipped else 1)
+        if r.skipped or (step % self.tc.log_every and step != self.tc.max_steps):
             return
         now = time.time()
         n = max(self.sums[2].item(), 1.0)

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import yaml
-
+from pipeline import yaml_safe
 from pipeline.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -206,8 +205,8 @@ def _config_uses_deepspeed(path) -> bool:
     if not path:
         return False
     try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        cfg = yaml_safe.load_file(path) or {}  # bounded: no alias bombs
+    except (OSError, yaml_safe.YamlError):
         return False
     return isinstance(cfg, dict) and str(cfg.get("distributed_type", "")).upper() == "DEEPSPEED"
 

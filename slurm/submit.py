@@ -28,6 +28,7 @@ from pathlib import Path
 from pipeline.atomic import write_text
 from pipeline.config import check_paths, load_recipe, save_recipe
 from pipeline.errors import UserError, run_cli
+from pipeline.yaml_safe import short
 from slurm.launch import PROJECT_ROOT, NodeLaunch, format_command, launch_command
 
 
@@ -39,7 +40,7 @@ def parse_time(text: str) -> int:
     """Slurm's time formats (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> whole minutes."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not m:
-        raise SubmitError(f"--time {text!r}: expected HH:MM:SS, MM or D-HH:MM:SS")
+        raise SubmitError(f"--time {short(text)}: expected HH:MM:SS, MM or D-HH:MM:SS")
     days, a, b, c = (int(g) if g else None for g in m.groups())
     if days is not None:  # D-HH[:MM[:SS]]
         seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
@@ -50,7 +51,7 @@ def parse_time(text: str) -> int:
     else:  # MM
         seconds = a * 60
     if seconds <= 0:
-        raise SubmitError(f"--time {text!r}: must be positive")
+        raise SubmitError(f"--time {short(text)}: must be positive")
     return math.ceil(seconds / 60)
 
 
@@ -91,9 +92,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Every value ends up on an `#SBATCH --key=value` line of a shell script: a newline in one
+# would add lines (commands) to the script. Names are Slurm identifiers; constraints may also
+# use Slurm's feature operators. Nothing else is accepted.
+_NAME = re.compile(r"[A-Za-z0-9_.+@%:-]{1,128}")
+_CONSTRAINT = re.compile(r"[A-Za-z0-9_.,&|!()\[\]*:-]{1,256}")
+
+
+def check_parameters(args, job_name: str) -> None:
+    """Refuse, in one line, any value that is not a positive number or a plain Slurm name."""
+    for flag, value, lo in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 1),
+                            ("--cpus-per-task", args.cpus_per_task, 1), ("--signal-delay-s", args.signal_delay_s, 0),
+                            ("--max-requeues", args.max_requeues, 0)):
+        if value is not None and value < lo:
+            raise SubmitError(f"{flag} must be at least {lo}, got {value}")
+    if args.mem_gb is not None and not (math.isfinite(args.mem_gb) and args.mem_gb > 0):
+        raise SubmitError(f"--mem-gb must be a positive number, got {args.mem_gb}")
+    for flag, value, pattern in (("--partition", args.partition, _NAME), ("--account", args.account, _NAME),
+                                 ("--qos", args.qos, _NAME), ("--constraint", args.constraint, _CONSTRAINT),
+                                 ("--job-name (or run.name)", job_name, _NAME)):
+        if value is not None and not pattern.fullmatch(value):
+            raise SubmitError(f"{flag} {short(value)}: not a Slurm name (letters, digits, _.+@%:-; "
+                              "no spaces or newlines)")
+    parse_time(args.time)
+
+
 def sbatch_parameters(args, job_name: str) -> dict:
-    if args.nodes < 1 or args.gpus_per_node < 1:
-        raise SubmitError("--nodes and --gpus-per-node must be at least 1")
+    check_parameters(args, job_name)
     params = {
         "job_name": job_name,
         "nodes": args.nodes,
@@ -147,6 +172,8 @@ def prepare(args, workdir: Path):
         if path and not Path(path).is_file():
             raise SubmitError(f"{flag}: no file at {path}")
     job_dir = job_dir.absolute()
+    if any(c in str(job_dir) for c in "\n\r\0"):  # it is written into the sbatch script
+        raise SubmitError(f"--job-dir / run.output_dir {short(str(job_dir))}: a path with a line break")
     spec = JobSpec(
         job_dir=str(job_dir), recipe=str(job_dir / "recipe.yaml"), output_dir=str(output_dir.absolute()),
         procs_per_node=args.gpus_per_node, workdir=str(workdir),
@@ -218,7 +245,7 @@ def _sbatch_reason(text: str) -> str:
 def run(argv: list[str]) -> int:
     eval_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # flags and overrides in any order
     args.eval_args = eval_args
     spec, params, recipe = prepare(args, Path.cwd())
     if args.dry_run:

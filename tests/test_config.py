@@ -87,6 +87,10 @@ def test_missing_file_and_missing_shards(tmp_path):
     with pytest.raises(RecipeError, match="no manifest.json"):
         check_paths(r, "cifar10.yaml")
     (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(RecipeError, match="splits: expected an object"):
+        check_paths(load_recipe(ROOT / "recipes/cifar10.yaml", [f"data.shards={tmp_path}"]))
+    (tmp_path / "manifest.json").write_text(
+        '{"resolution": 32, "splits": {"train": {"count": 1, "shards": [{"name": "train-000000.tar", "count": 1}]}}}')
     check_paths(load_recipe(ROOT / "recipes/cifar10.yaml", [f"data.shards={tmp_path}"]))
 
 

@@ -256,6 +256,7 @@ def test_shards_are_plain_webdataset_and_foreign_shards_work(shards, tmp_path):
 def test_damaged_shard_names_the_file(tmp_path):
     d = make_shards(tmp_path / "s", n_train=6, n_test=1, shard_size=3)
     (d / "train-000001.tar").write_bytes(b"\0" * 100)  # cut short: not a tar any more
-    L = TrainLoader(d, batch_size=6, seed=0, num_workers=0)
+    # Counted like corrupt samples (tests/test_corrupt_reporting.py); past max_corrupt, an error naming it.
+    L = TrainLoader(d, batch_size=6, seed=0, num_workers=0, max_corrupt=0)
     with pytest.raises(DataError, match="train-000001.tar"):
         next(L)

@@ -238,24 +238,25 @@ def test_run_writes_layout_and_finite_weights(tmp_path, shards, fresh_accelerate
 
 
 def test_nan_loss_is_skipped_and_counted(tmp_path, shards, fresh_accelerate):
-    nan_steps = {1, 2}
+    """A non-finite step is not a step: not counted, nothing saved for it; the data moves on."""
+    nan_calls = {1, 2}
     seen = []
 
     def poison(step, loss):
         seen.append(step)
-        return loss * float("nan") if step in nan_steps else loss
+        return loss * float("nan") if len(seen) - 1 in nan_calls else loss
 
     code, run = run_inproc(tmp_path, shards, hooks=Hooks(loss=poison),
                            train={"max_steps": 4, "checkpoint_every": 1, "keep_checkpoints": 10})
-    assert code == EXIT_OK and seen == [0, 1, 2, 3]
+    assert code == EXIT_OK and seen == [0, 1, 1, 1, 2, 3]
     cks = {c.name: c for c in ck.list_checkpoints(run)}
+    assert sorted(cks) == [f"step-{s:08d}" for s in (1, 2, 3, 4)]
     states = {n: ck.read_trainer_state(c) for n, c in cks.items()}
-    assert [states[f"step-{s:08d}"]["nonfinite_total"] for s in (1, 2, 3, 4)] == [0, 1, 2, 2]
-    # A skipped step changes neither the weights nor the EMA.
+    assert [states[f"step-{s:08d}"]["nonfinite_total"] for s in (1, 2, 3, 4)] == [0, 2, 2, 2]
+    # The two skipped batches were consumed (4 samples each): the data order moved on.
+    assert [states[f"step-{s:08d}"]["samples_seen"] for s in (1, 2, 3, 4)] == [4, 16, 20, 24]
     for name in ("model.safetensors", "ema.safetensors"):
-        a, b = weights(cks["step-00000001"], name), weights(cks["step-00000003"], name)
-        assert all(torch.equal(a[k], b[k]) for k in a)
-        c = weights(cks["step-00000004"], name)
+        a, c = weights(cks["step-00000001"], name), weights(cks["step-00000002"], name)
         assert not all(torch.equal(a[k], c[k]) for k in a)
         assert all(torch.isfinite(v).all() for v in c.values())
 

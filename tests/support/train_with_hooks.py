@@ -1,9 +1,13 @@
 """pipeline/train.py with a test hook, for tests that need a real process to die at a chosen point:
 
     python tests/support/train_with_hooks.py --kill-in-save STEP RECIPE [section.key=value ...]
+    python tests/support/train_with_hooks.py --disk-full-at STEP RECIPE [section.key=value ...]
 
-SIGKILLs the main process inside the checkpoint save of STEP, after the weights are written and
-before trainer_state.json makes the directory whole. Everything else is the real entry point.
+--kill-in-save SIGKILLs the main process inside the checkpoint save of STEP, after the weights
+are written and before trainer_state.json makes the directory whole. --disk-full-at makes the
+disk "full" from the optimizer step STEP on, for real: a file-size limit (RLIMIT_FSIZE, 2 KiB,
+SIGXFSZ ignored) makes every later write past 2 KiB fail with EFBIG, as a full disk fails
+with ENOSPC. Everything else is the real entry point.
 (Run as a script: PYTHONPATH must hold the project root, as support.training.env() sets it.)
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import signal
 import sys
 
@@ -20,14 +25,21 @@ from pipeline.trainer import Hooks
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kill-in-save", type=int, required=True, metavar="STEP")
+    p.add_argument("--kill-in-save", type=int, metavar="STEP")
+    p.add_argument("--disk-full-at", type=int, metavar="STEP")
     args, rest = p.parse_known_args(argv)
 
     def in_save(step, _tmp_dir):
         if step == args.kill_in_save:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return train.main(rest, hooks=Hooks(in_save=in_save))
+    def loss(step, value):
+        if step == args.disk_full_at:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (2048, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return value
+
+    return train.main(rest, hooks=Hooks(in_save=in_save, loss=loss))
 
 
 if __name__ == "__main__":

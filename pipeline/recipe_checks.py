@@ -1,0 +1,71 @@
+"""The ranges of recipe values, checked at load before any work (pipeline.config calls `check`).
+
+Types are the schema's business (pipeline/config.py); here every value is checked to make
+sense: finite floats, positive counts and intervals, probabilities in [0, 1), Adam's betas
+in [0, 1), and a U-Net that can be built (widths divisible by the 32 GroupNorm groups, a
+non-empty ch_mult, a resolution that the down-sampling divides). No torch here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+GN_GROUPS = 32  # pipeline.unet.GN_GROUPS (the paper's GroupNorm(32)); unet.py imports torch
+
+
+def check(r, need: Callable[[bool, str, str], None]) -> None:
+    """`r` is a pipeline.config.Recipe; `need(ok, key, what)` raises the RecipeError."""
+    _floats_finite(r, need)
+    _model(r.model, need)
+    d = r.data
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(d.max_corrupt >= 0, "data.max_corrupt", "must be >= 0")
+    t = r.train
+    need(t.grad_clip > 0, "train.grad_clip", "must be positive (the paper clips at 1.0)")
+    need(all(0.0 <= b < 1.0 for b in t.adam_betas), "train.adam_betas", "each must be in [0, 1)")
+    need(t.adam_eps > 0, "train.adam_eps", "must be positive")
+    need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(t.log_every >= 1, "train.log_every", "must be at least 1")
+    need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
+    need(t.sample_count >= 1, "train.sample_count", "must be at least 1")
+    need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be at least 1")
+    e = r.eval
+    for key in ("batch_size", "ddim_steps", "nll_batch_size", "nll_t_batch"):
+        need(getattr(e, key) >= 1, f"eval.{key}", "must be at least 1")
+    if e.sampler == "ddim":
+        need(e.ddim_steps <= r.diffusion.timesteps, "eval.ddim_steps", "must be <= diffusion.timesteps")
+
+
+def _floats_finite(r, need) -> None:
+    for section in ("model", "diffusion", "data", "train", "eval"):
+        for key, value in vars(getattr(r, section)).items():
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                need(False, f"{section}.{key}", f"must be finite, got {value}")
+
+
+def _model(m, need) -> None:
+    if m.preset is None and m.resolution is None:
+        return  # reported by the caller, with the preset
+    from pipeline.presets import PRESETS
+
+    if m.preset is not None and m.preset not in PRESETS:
+        return  # reported by the caller, with the closest preset
+    k = m.unet_kwargs()
+    need(k["resolution"] >= 1, "model.resolution", "must be positive")
+    for key in ("in_channels", "out_channels", "num_res_blocks"):
+        if key in k:
+            need(k[key] >= 1, f"model.{key}", "must be at least 1")
+    if "ch" in k:
+        need(k["ch"] >= 1 and k["ch"] % GN_GROUPS == 0, "model.ch",
+             f"must be a positive multiple of {GN_GROUPS} (GroupNorm groups), got {k['ch']}")
+    if "ch_mult" in k:
+        mult = k["ch_mult"]
+        need(len(mult) >= 1, "model.ch_mult", "must not be empty")
+        need(all(x >= 1 for x in mult), "model.ch_mult", "every multiplier must be at least 1")
+        need(k["resolution"] % 2 ** (len(mult) - 1) == 0, "model.resolution",
+             f"{k['resolution']} is not divisible by 2**{len(mult) - 1} (one halving per ch_mult level after the first)")
+    if "dropout" in k:
+        need(0.0 <= k["dropout"] < 1.0, "model.dropout", "must be in [0, 1)")

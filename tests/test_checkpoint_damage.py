@@ -1,0 +1,201 @@
+"""Damaged checkpoints are survived, and nothing good is lost (issue 13): checksums verified on
+resume and load with a fallback to the previous complete checkpoint, a confined `latest`
+pointer, a refused resume that writes nothing, divergence that keeps the newest good
+checkpoint, and a full disk while saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+from pipeline import checkpoint as ck
+from pipeline.config import RecipeError, load_recipe
+from pipeline.data import DataError
+from pipeline.hub import load_pretrained
+from pipeline.integrity import damage
+from pipeline.train import EXIT_OK
+from pipeline.trainer import Hooks, NonFiniteLossError, train
+from pipeline.weights import LoadError
+from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, write_recipe
+
+
+def reset_accelerate():
+    """Accelerate keeps process-wide singletons; each in-process run starts clean."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_tiny_shards(tmp_path_factory.mktemp("shards") / "s")
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, shards):
+    """A run with complete checkpoints at steps 2 and 4."""
+    d = tmp_path_factory.mktemp("base")
+    recipe = load_recipe(write_recipe(d / "r.yaml", shards, d / "run", train={"max_steps": 4}))
+    try:
+        assert train(recipe) == EXIT_OK
+    finally:
+        reset_accelerate()
+    return d / "run"
+
+
+@pytest.fixture
+def run(tmp_path, base_run):
+    shutil.copytree(base_run, tmp_path / "run")
+    yield tmp_path / "run"
+    reset_accelerate()
+
+
+def resume(tmp_path, shards, run, **sections):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", shards, run, **sections))
+    return train(recipe)
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _flip(p):
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _optimizer_file(c):
+    return next(p for p in (c / "accelerate").iterdir() if p.name.startswith("optimizer"))
+
+
+DAMAGE = {
+    "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors has"),
+    "missing ema": (lambda c: (c / "ema.safetensors").unlink(), "ema.safetensors is missing"),
+    "corrupt optimizer": (lambda c: _flip(_optimizer_file(c)), "does not match its sha256"),
+    "missing accelerate state": (lambda c: shutil.rmtree(c / "accelerate"), "is missing"),
+    "garbage trainer state": (lambda c: (c / "trainer_state.json").write_bytes(b"\x00{not json"), "unreadable"),
+    "edited config": (lambda c: (c / "config.yaml").write_text("model: {}\n"), "config.yaml has"),
+}
+
+
+def test_checkpoints_record_checksums(base_run):
+    for c in ck.list_checkpoints(base_run):
+        files = ck.read_trainer_state(c)["files"]
+        assert {"model.safetensors", "ema.safetensors", "config.yaml"} <= set(files)
+        assert any(k.startswith("accelerate/") for k in files) and damage(c) is None
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_newest_checkpoint_falls_back_to_previous(run, kind):
+    hurt, why = DAMAGE[kind]
+    hurt(run / "checkpoints" / "step-00000004")
+    lines = []
+    got = ck.latest_intact(run, set_aside=True, report=lines.append)
+    assert got == run / "checkpoints" / "step-00000002" and len(lines) == 1
+    assert "step-00000004: damaged (" in lines[0] and why in lines[0] and "using the previous complete" in lines[0]
+    # Set aside, not deleted: neither resumed nor counted when pruning, and still there to look at.
+    assert (run / "checkpoints" / ".damaged-step-00000004").is_dir()
+    assert [c.name for c in ck.list_checkpoints(run)] == ["step-00000002"]
+
+
+@pytest.mark.parametrize("kind", ["truncated weights", "garbage trainer state"])
+def test_resume_survives_damage_end_to_end(tmp_path, shards, run, capsys, kind):
+    DAMAGE[kind][0](run / "checkpoints" / "step-00000004")
+    assert resume(tmp_path, shards, run, train={"max_steps": 6}) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "damaged" in out and f"resumed from {run / 'checkpoints' / 'step-00000002'} at step 2" in out
+    newest = ck.latest_checkpoint(run)
+    assert newest.name == "step-00000006" and damage(newest) is None
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(run):
+    for c in ck.list_checkpoints(run):
+        _truncate(c / "ema.safetensors")
+    with pytest.raises(ck.CheckpointError, match="every checkpoint is damaged"):
+        ck.latest_intact(run)
+
+
+def test_load_verifies_checksums(run):
+    c4 = run / "checkpoints" / "step-00000004"
+    _flip(c4 / "ema.safetensors")
+    with pytest.raises(LoadError, match="damaged checkpoint: ema.safetensors does not match its sha256"):
+        load_pretrained(c4)
+    with pytest.raises(LoadError, match="damaged checkpoint"):
+        load_pretrained(c4 / "ema.safetensors")
+    assert load_pretrained(run).source.endswith("step-00000002/ema.safetensors")  # the run: newest intact
+
+
+@pytest.mark.parametrize("pointer", [b"../../outside/step-00000009\n", b"{outside}/step-00000009\n",
+                                     b"../../outside\n", b"step-00000004/../../../outside/step-00000009\n",
+                                     b"\xff\xfe" * 100, b"step-99999999\n", b""])
+def test_latest_pointer_never_leads_outside(tmp_path, run, pointer):
+    outside = tmp_path / "outside"  # a complete, newer checkpoint somewhere else
+    shutil.copytree(run / "checkpoints" / "step-00000004", outside / "step-00000009")
+    (run / "checkpoints" / "latest").write_bytes(pointer.replace(b"{outside}", str(outside).encode()))
+    lines = []
+    got = ck.latest_intact(run, report=lines.append)
+    assert got == run / "checkpoints" / "step-00000004" and ck.latest_checkpoint(run) == got
+    # A step-* symlink to a folder outside is not a checkpoint either.
+    os.symlink(outside / "step-00000009", run / "checkpoints" / "step-00000009")
+    assert ck.latest_checkpoint(run) == got and ck.latest_intact(run) == got
+
+
+@pytest.mark.parametrize("sections, error, match", [
+    ({"model": {"ch": 64}}, RecipeError, "model.ch: 32 -> 64"),
+    ({"model": {"ch_mult": [1, 1]}}, RecipeError, "model.ch_mult"),
+    ({"train": {"seed": 8}}, RecipeError, "train.seed: 7 -> 8"),
+])
+def test_refused_resume_changes_nothing(tmp_path, shards, run, sections, error, match):
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(error, match=match):
+        resume(tmp_path, shards, run, train={"max_steps": 6, **sections.get("train", {})},
+               **{k: v for k, v in sections.items() if k != "train"})
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # config.yaml included
+
+
+def test_resume_on_other_data_changes_nothing(tmp_path, run):
+    other = make_tiny_shards(tmp_path / "other", n_train=30)
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(DataError, match="30"):
+        resume(tmp_path, other, run, train={"max_steps": 6})
+    assert (run / "config.yaml").read_bytes() == before
+
+
+def test_divergence_keeps_the_newest_good_checkpoint(tmp_path, shards):
+    """Non-finite weights after a finite loss (an infinite gradient): never saved, never pruning
+    the good checkpoint; the run stops with one line naming it."""
+    def poison(step, loss):  # value unchanged, gradient inf * 0 = nan at step 2
+        return loss + torch.sqrt(loss - loss.detach()) if step == 2 else loss
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run",
+                                      train={"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 1}))
+    try:
+        with pytest.raises(NonFiniteLossError) as e:
+            train(recipe, hooks=Hooks(loss=poison))
+    finally:
+        reset_accelerate()
+    good = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert f"the newest good checkpoint is {good}" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert [c.name for c in ck.list_checkpoints(tmp_path / "run")] == [good.name] and damage(good) is None
+
+
+@pytest.mark.slow  # a training process
+def test_disk_full_while_saving(tmp_path, shards):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", train={"max_steps": 4})
+    p = subprocess.run([PY, HOOKS_SCRIPT, "--disk-full-at", "3", str(recipe)], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
+    assert "no space to write checkpoint step-00000004" in errors[0] and "MiB free there" in errors[0]
+    assert "newest complete one: step-00000002" in errors[0] and "Traceback" not in p.stderr
+    d = tmp_path / "run" / "checkpoints"
+    assert sorted(x.name for x in d.iterdir()) == ["latest", "step-00000002"]  # partial removed
+    assert damage(d / "step-00000002") is None
+    assert json.loads((d / "step-00000002" / "trainer_state.json").read_text())["step"] == 2
