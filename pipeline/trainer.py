@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint
+from pipeline import build, checkpoint, fast_path
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -192,6 +192,7 @@ class Parts:
     ema: EMA
     diffusion: GaussianDiffusion
     loader: TrainLoader
+    fast: fast_path.FastPath = fast_path.FastPath()  # the resolved train.channels_last/compile/...
 
 
 def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
@@ -205,20 +206,25 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
         if missing or unexpected:
             raise RecipeError(f"train.init_from: {tc.init_from}: weights do not fit model "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    fast = fast_path.resolve(tc, rt.device, rt.is_deepspeed)
+    fast_path.apply_tf32(fast)
+    fast_path.prepare_module(model, fast)  # the layout first: EMA and Adam state follow it
     ema = EMA(model, tc.ema_decay, device=rt.device)
     diffusion = build.diffusion(recipe.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas,
-                                 eps=tc.adam_eps, weight_decay=tc.weight_decay)
+                                 eps=tc.adam_eps, weight_decay=tc.weight_decay, **fast_path.adam_kwargs(fast))
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale(run_dir)
         save_recipe(recipe, run_dir / "config.yaml")
+        print(f"U-Net on {rt.device}: {fast.describe()}", flush=True)
     rt.acc.wait_for_everyone()
     model, optimizer = rt.acc.prepare(model, optimizer)
     loader = TrainLoader(recipe.data.shards, batch_size=rt.micro, rank=rt.rank, world_size=rt.world,
                          seed=tc.seed, random_flip=recipe.data.random_flip,
                          num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt)
-    return Parts(model, rt.acc.unwrap_model(model), optimizer, ema, diffusion, loader)
+    net = rt.acc.unwrap_model(model)
+    return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast)
 
 
 def load_init_weights(src: str) -> dict:
@@ -285,9 +291,11 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
     progress = Progress(recipe, rt.acc, state.step, parts.loader.position) if rt.main else None
     stop = StopFlag().install()
     code = EXIT_OK
+    clock = fast_path.CompileClock(parts.fast, "the first training step", enabled=rt.main)
     try:
         while state.step < tc.max_steps:
-            result = train_step(rt, parts, state, tc, stop, hooks)
+            with clock:
+                result = train_step(rt, parts, state, tc, stop, hooks)
             if progress is not None:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
             if rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
@@ -372,7 +380,7 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
 
     def forward(x, t):
         # Under DeepSpeed bf16/fp16 the weights themselves are 16-bit: cast the input to them.
-        return model(x.to(param_dtype), t)
+        return model(fast_path.to_format(x.to(param_dtype), parts.fast), t)
 
     bad, loss_sum, stop_any = False, 0.0, False
     for k in range(rt.accum):
