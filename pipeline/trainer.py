@@ -40,7 +40,7 @@ from pipeline import build, checkpoint, fast_path
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
-from pipeline.diffusion import GaussianDiffusion, draw_t_and_noise
+from pipeline.diffusion import GaussianDiffusion, NoiseDraw
 from pipeline.ema import EMA
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError
 from pipeline.hardware import precision_problem
@@ -222,7 +222,8 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
     model, optimizer = rt.acc.prepare(model, optimizer)
     loader = TrainLoader(recipe.data.shards, batch_size=rt.micro, rank=rt.rank, world_size=rt.world,
                          seed=tc.seed, random_flip=recipe.data.random_flip,
-                         num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt)
+                         num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt,
+                         draw=NoiseDraw(tc.seed, diffusion.num_timesteps), pin_memory=rt.device.type == "cuda")
     net = rt.acc.unwrap_model(model)
     return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast)
 
@@ -376,7 +377,6 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
     Returns (some rank's loss was non-finite, sum of the rank-mean losses, some rank must stop)."""
     acc, model, net, diffusion = rt.acc, parts.model, parts.net, parts.diffusion
     param_dtype = next(net.parameters()).dtype
-    shape = (net.config["in_channels"], net.config["resolution"], net.config["resolution"])
 
     def forward(x, t):
         # Under DeepSpeed bf16/fp16 the weights themselves are 16-bit: cast the input to them.
@@ -384,9 +384,8 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
 
     bad, loss_sum, stop_any = False, 0.0, False
     for k in range(rt.accum):
-        first = parts.loader.position + rt.rank * rt.micro  # this rank's samples in the global stream
-        x0 = next(parts.loader).to(rt.device, non_blocking=True)
-        t, noise = draw_t_and_noise(range(first, first + rt.micro), diffusion.num_timesteps, shape, seed, rt.device)
+        # x0 and, drawn by the loader's workers per global stream position (NoiseDraw), t and eps.
+        x0, t, noise = (v.to(rt.device, non_blocking=True) for v in next(parts.loader))
         torch.manual_seed(mix_seed(seed, STREAM_DROPOUT, rt.rank, step, k))
         with acc.accumulate(model):
             with acc.autocast():
