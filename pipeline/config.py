@@ -103,6 +103,11 @@ class TrainConfig:
     init_from: Optional[str] = None  # checkpoint dir, safetensors file or Hub id (fine-tuning)
     # EMA-only weights every N steps in RUN/snapshots/ (never pruned; `eval sweep` scores them); 0 = off
     snapshot_every: int = 0
+    # The GPU fast path (pipeline/fast_path.py): true, false or "auto" (on for CUDA, off elsewhere).
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC weights and activations
+    compile: bool | Literal["auto"] = "auto"  # torch.compile of the U-Net (training and sample grids)
+    fused_adam: bool | Literal["auto"] = "auto"  # one fused Adam kernel for all tensors
+    tf32: bool | Literal["auto"] = "auto"  # TF32 tensor cores for the float32 matmuls and convolutions
 
 
 @dataclass
@@ -323,6 +328,10 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
 
 
 def _name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # "bool or 'auto'", not "Union"
+        return " or ".join(_name(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

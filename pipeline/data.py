@@ -16,6 +16,9 @@ so sample i is a seek + read, and the data order is index arithmetic:
 - DataLoader workers receive whole batches (index lists) in order, so `num_workers` never
   changes the result; the position (`state_dict()["position"]`, global samples consumed)
   advances only when a batch is handed to the trainer, so prefetching does not shift it.
+- `draw` (the trainer passes pipeline.diffusion.NoiseDraw): the workers also draw each sample's
+  t and eps of Algorithm 1 from its global stream position, on CPU, off the training step's
+  critical path; a batch is then (x0, t, eps), pinned for a non-blocking copy when asked.
 
 Corrupt samples: an undecodable member is replaced, inside its batch, by the next decodable
 sample of the same batch (cyclically), so batch shapes stay fixed and the order of the
@@ -230,14 +233,14 @@ class _Batches(torch.utils.data.Dataset):
     """dataset[(indices, flips)] -> (batch [B, 3, H, W], [(shard, key, reason)]): float32 in
     [-1, 1], or uint8 in [0, 255] with `to_float=False`."""
 
-    def __init__(self, shards: ShardSet, decoder: str = "pil", to_float: bool = True):
-        self.shards, self.decoder, self.to_float = shards, decoder, to_float
+    def __init__(self, shards: ShardSet, decoder: str = "pil", to_float: bool = True, draw=None):
+        self.shards, self.decoder, self.to_float, self.draw = shards, decoder, to_float, draw
 
     def __len__(self):  # unused: the sampler drives the DataLoader
         return len(self.shards)
 
     def __getitem__(self, spec):
-        indices, flips = spec
+        indices, flips, lo = spec  # lo: the global stream position of the first sample
         imgs, bad = [], []
         res = self.shards.resolution
         for i in indices.tolist():
@@ -267,6 +270,8 @@ class _Batches(torch.utils.data.Dataset):
         if self.to_float:
             # [0, 255] -> [-1, 1] (the paper scales images to [-1, 1]); in the worker, in parallel.
             out = out.float().div_(127.5).sub_(1.0)
+        if self.draw is not None:  # per-sample draws of the positions [lo, lo + B), in the worker
+            out = (out, *self.draw(range(lo, lo + len(indices)), out))
         return out, bad
 
 
@@ -312,7 +317,7 @@ class _Specs(torch.utils.data.Sampler):
         p = self.start
         while True:
             lo = p + self.rank * self.b
-            yield self.order.stream(lo, lo + self.b)
+            yield (*self.order.stream(lo, lo + self.b), lo)
             p += self.g
 
 
@@ -324,7 +329,8 @@ class TrainLoader:
     processes (never changes the result); max_corrupt: distinct corrupt samples tolerated.
     Extras: split ("train"), decoder ("pil" | "torchvision"), dtype (torch.uint8 yields [0, 255]
     uint8, 4x less to move between processes and to the GPU; scale there with x / 127.5 - 1),
-    pin_memory, prefetch_factor.
+    pin_memory, prefetch_factor, draw (a picklable `draw(positions, x0) -> tensors` run in the
+    workers; batches are then tuples (x0, *draws)).
     See the module docstring for the order; `state_dict()` / `load_state_dict()` carry the
     global position, so a resumed run (also with another world size) reads what an
     uninterrupted run would have read next. Do not pass it through `accelerator.prepare()`."""
@@ -332,7 +338,7 @@ class TrainLoader:
     def __init__(self, source, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  random_flip: bool = True, num_workers: int = 2, max_corrupt: int = 10,
                  split: str = "train", prefetch_factor: int = 2, decoder: str = "pil",
-                 dtype: torch.dtype = torch.float32, pin_memory: bool = False):
+                 dtype: torch.dtype = torch.float32, pin_memory: bool = False, draw=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if batch_size < 1:
@@ -349,7 +355,7 @@ class TrainLoader:
         self.num_workers, self.max_corrupt, self.prefetch_factor = num_workers, max_corrupt, prefetch_factor
         if dtype not in (torch.float32, torch.uint8):
             raise ValueError(f"dtype must be torch.float32 ([-1, 1]) or torch.uint8 ([0, 255]), got {dtype}")
-        self.decoder, self.dtype, self.pin_memory = decoder, dtype, pin_memory
+        self.decoder, self.dtype, self.pin_memory, self.draw = decoder, dtype, pin_memory, draw
         self.position = 0  # global samples consumed by the trainer (all ranks together)
         self.skipped = 0  # corrupt samples replaced on this rank (each occurrence)
         self.corrupt: dict[str, str] = {}  # "shard:key" -> reason, distinct
@@ -370,7 +376,7 @@ class TrainLoader:
         kw = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
         if self.num_workers > 0:
             kw.update(prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        self._dl = torch.utils.data.DataLoader(_Batches(self.shards, self.decoder, self.dtype == torch.float32),
+        self._dl = torch.utils.data.DataLoader(_Batches(self.shards, self.decoder, self.dtype == torch.float32, self.draw),
                                                batch_size=None,
                                                sampler=_Specs(self.order, self.position, self.rank, self.batch_size,
                                                               self.world_size), **kw)

@@ -41,6 +41,18 @@ def draw_t_and_noise(positions: range, timesteps: int, shape: tuple, seed: int, 
     return torch.cat(ts), torch.stack(noise)
 
 
+class NoiseDraw:
+    """`draw_t_and_noise` on CPU for the training loader's workers (pipeline.data.TrainLoader's
+    `draw`): (positions, x0 batch) -> (t [B], eps like x0, float32). CPU generators give the same
+    draws on every device, and the workers take the per-sample loop off the training step."""
+
+    def __init__(self, seed: int, timesteps: int):
+        self.seed, self.timesteps = int(seed), int(timesteps)
+
+    def __call__(self, positions: range, x0: torch.Tensor) -> tuple:
+        return draw_t_and_noise(positions, self.timesteps, tuple(x0.shape[1:]), self.seed, "cpu")
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)

@@ -46,7 +46,8 @@ class EMA:
         h = hashlib.sha256()
         for n, t in zip(self.names, self.shadow):
             h.update(n.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): a channels_last [O, I, 1, 1] counts as contiguous with a last stride != 1.
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     @torch.no_grad()

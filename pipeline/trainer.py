@@ -36,11 +36,11 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint, integrity, snapshots
+from pipeline import build, checkpoint, fast_path, integrity, snapshots
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
-from pipeline.diffusion import GaussianDiffusion, draw_t_and_noise
+from pipeline.diffusion import GaussianDiffusion, NoiseDraw
 from pipeline.ema import EMA
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError
 from pipeline.hardware import precision_problem
@@ -192,6 +192,7 @@ class Parts:
     ema: EMA
     diffusion: GaussianDiffusion
     loader: TrainLoader
+    fast: fast_path.FastPath = fast_path.FastPath()  # the resolved train.channels_last/compile/...
 
 
 def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
@@ -202,19 +203,25 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
     model = build.unet(recipe.model)
     if init_weights and tc.init_from:
         load_fitting(model, load_init_weights(tc.init_from), tc.init_from)
+    fast = fast_path.resolve(tc, rt.device, rt.is_deepspeed)
+    fast_path.apply_tf32(fast)
+    fast_path.prepare_module(model, fast)  # the layout first: EMA and Adam state follow it
     ema = EMA(model, tc.ema_decay, device=rt.device)
     diffusion = build.diffusion(recipe.diffusion)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.adam_betas,
-                                 eps=tc.adam_eps, weight_decay=tc.weight_decay)
+                                 eps=tc.adam_eps, weight_decay=tc.weight_decay, **fast_path.adam_kwargs(fast))
     if rt.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_stale(run_dir)
+        print(f"U-Net on {rt.device}: {fast.describe()}", flush=True)
     rt.acc.wait_for_everyone()
     model, optimizer = rt.acc.prepare(model, optimizer)
     loader = TrainLoader(recipe.data.shards, batch_size=rt.micro, rank=rt.rank, world_size=rt.world,
                          seed=tc.seed, random_flip=recipe.data.random_flip,
-                         num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt)
-    return Parts(model, rt.acc.unwrap_model(model), optimizer, ema, diffusion, loader)
+                         num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt,
+                         draw=NoiseDraw(tc.seed, diffusion.num_timesteps), pin_memory=rt.device.type == "cuda")
+    net = rt.acc.unwrap_model(model)
+    return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast)
 
 
 def load_fitting(model: torch.nn.Module, weights: dict, src: str) -> None:
@@ -300,9 +307,11 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
     progress = Progress(recipe, rt.acc, state.step, parts.loader.position) if rt.main else None
     stop = StopFlag().install()
     code = EXIT_OK
+    clock = fast_path.CompileClock(parts.fast, "the first training step", enabled=rt.main)
     try:
         while state.step < tc.max_steps:
-            result = train_step(rt, parts, state, tc, stop, hooks)
+            with clock:
+                result = train_step(rt, parts, state, tc, stop, hooks)
             if progress is not None:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
             due = not result.skipped  # a non-finite step is not a step: nothing is due, nothing saved
@@ -391,17 +400,15 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
     Returns (some rank's loss was non-finite, sum of the rank-mean losses, some rank must stop)."""
     acc, model, net, diffusion = rt.acc, parts.model, parts.net, parts.diffusion
     param_dtype = next(net.parameters()).dtype
-    shape = (net.config["in_channels"], net.config["resolution"], net.config["resolution"])
 
     def forward(x, t):
         # Under DeepSpeed bf16/fp16 the weights themselves are 16-bit: cast the input to them.
-        return model(x.to(param_dtype), t)
+        return model(fast_path.to_format(x.to(param_dtype), parts.fast), t)
 
     bad, loss_sum, stop_any = False, 0.0, False
     for k in range(rt.accum):
-        first = parts.loader.position + rt.rank * rt.micro  # this rank's samples in the global stream
-        x0 = next(parts.loader).to(rt.device, non_blocking=True)
-        t, noise = draw_t_and_noise(range(first, first + rt.micro), diffusion.num_timesteps, shape, seed, rt.device)
+        # x0 and, drawn by the loader's workers per global stream position (NoiseDraw), t and eps.
+        x0, t, noise = (v.to(rt.device, non_blocking=True) for v in next(parts.loader))
         torch.manual_seed(mix_seed(seed, STREAM_DROPOUT, rt.rank, step, k))
         with acc.accumulate(model):
             with acc.autocast():
