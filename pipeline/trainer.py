@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint
+from pipeline import build, checkpoint, resume
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -260,16 +260,18 @@ class TrainState:
                    fp16_overflows=int(saved.get("fp16_overflows", 0)))
 
 
-def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
-    """Train until train.max_steps (exit 0) or a stop signal (save, exit EXIT_REQUEUE)."""
+def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optional[str] = None,
+          no_resume: bool = False) -> int:
+    """Train until train.max_steps (exit 0) or a stop signal (save, exit EXIT_REQUEUE).
+    `resume_from` / `no_resume`: see pipeline/resume.py (default: the run's newest checkpoint)."""
     hooks = hooks or Hooks()
     tc, run_dir = recipe.train, Path(recipe.run.output_dir)
+    ckpt = resume.choose_checkpoint(run_dir, resume_from, no_resume)  # every rank, before the rendezvous
 
     # Runtime: processes, device, batch layout, precision.
     rt = setup_runtime(recipe)
 
     # Model, EMA, optimizer, loader; fine-tuning weights only for a fresh run.
-    ckpt = checkpoint.latest_checkpoint(run_dir)
     parts = build_parts(recipe, rt, init_weights=ckpt is None)
 
     # Resume: weights, optimizer, RNG states, EMA, loader position, counters.
@@ -278,8 +280,9 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
         saved = checkpoint.restore(ckpt, acc=rt.acc, ema=parts.ema, loader=parts.loader,
                                    global_batch=tc.global_batch_size, deepspeed=rt.is_deepspeed)
         state = TrainState.from_saved(saved)
-        if rt.main:
-            print(f"resumed from {ckpt} at step {state.step}", flush=True)
+    if rt.main:
+        resume.record_origin(run_dir, ckpt)
+        print(resume.describe(ckpt, state.step), flush=True)
 
     # The loop: an optimizer step, its log, a sample grid and a checkpoint when due.
     progress = Progress(recipe, rt.acc, state.step, parts.loader.position) if rt.main else None
