@@ -117,6 +117,8 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs/run"
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    wandb_project: Optional[str] = None  # None: $WANDB_PROJECT, else run.name (pipeline/trackers.py)
+    wandb_entity: Optional[str] = None  # None: $WANDB_ENTITY, else the account's default
 
 
 @dataclass

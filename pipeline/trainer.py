@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint, resume
+from pipeline import build, checkpoint, resume, trackers
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -294,7 +294,8 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
             if progress is not None:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
             if rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
-                write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
+                grid = write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
+                progress.log_image("samples", grid, state.step)
             if result.stop:
                 save(recipe, rt, parts, state, hooks)
                 if rt.main:
@@ -439,9 +440,11 @@ class Progress:
     since the last log (loss and grad norm over the steps taken), lr and throughput."""
 
     def __init__(self, recipe: Recipe, acc: Accelerator, step: int, position: int):
-        self.tc, self.acc, self.tracking = recipe.train, acc, recipe.run.tracker != "none"
-        if self.tracking:
-            acc.init_trackers(recipe.run.name, config=_flat(recipe.to_dict()))
+        self.tc, self.acc, self.tracker = recipe.train, acc, recipe.run.tracker
+        self.tracking = self.tracker != "none"
+        if self.tracking:  # the same tracker run on every launch of this run folder (pipeline/trackers.py)
+            project, kwargs = trackers.init_arguments(recipe.run, recipe.run.output_dir, step)
+            acc.init_trackers(project, config=_flat(recipe.to_dict()), init_kwargs=kwargs)
         self.bar = tqdm(total=self.tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
         self.time, self.position = time.time(), position
         self.sums = torch.zeros(3, dtype=torch.float64)  # loss sum, grad-norm sum, steps taken
@@ -463,6 +466,10 @@ class Progress:
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{r.lr:.2e}")
         self.time, self.position = now, position
         self.sums.zero_()
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        if self.tracking:
+            trackers.log_image(self.acc, self.tracker, name, trackers.grid_array(path), step)
 
     def close(self) -> None:
         self.bar.close()
