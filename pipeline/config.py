@@ -169,10 +169,18 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
     shards = recipe.data.shards
     if not shards:
         raise RecipeError(f"{source}: data.shards is not set")
+    if _remote(shards):  # a Hub data set repo or a URL: fetched and verified when the loader opens it
+        return
     p = Path(shards)
     manifest = p / "manifest.json" if p.is_dir() else p
     if not manifest.is_file():
         raise RecipeError(f"{source}: data.shards: no manifest.json at '{shards}' (run data_prep first)")
+
+
+def _remote(shards: str) -> bool:
+    from pipeline.remote_shards import is_remote  # torch-free, as this module
+
+    return is_remote(shards)
 
 
 def _apply_override(data: dict, item: str, source: str) -> None:

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import remote_shards
 from pipeline.errors import UserError
 
 __all__ = ["DataError", "ShardSet", "TrainLoader", "iter_split", "decode_sample", "DECODERS"]
@@ -127,6 +128,8 @@ class ShardSet:
 
     def __init__(self, source, split: str = "train"):
         self.manifest = None
+        if isinstance(source, str) and remote_shards.is_remote(source):  # a Hub repo / URL: a verified local copy
+            source = remote_shards.local_shards(source, count_samples=lambda p: len(scan_tar(p)[0]))
         if isinstance(source, (list, tuple)):
             paths = [str(p) for p in source]
         else:

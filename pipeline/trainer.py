@@ -61,6 +61,7 @@ class Hooks:
     """Callbacks into the loop for tests (in-process runs, or tests/support/train_with_hooks.py)."""
     loss: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None  # (step, loss) -> the loss to use
     in_save: Optional[Callable[[int, Path], None]] = None  # (step, tmp dir): main process, weights written
+    batch: Optional[Callable[[int, int, torch.Tensor], None]] = None  # (step, micro-step, x0): every rank
 
 
 # ------------------------------------------------------------------------------ pure pieces
@@ -382,6 +383,8 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
     for k in range(rt.accum):
         first = parts.loader.position + rt.rank * rt.micro  # this rank's samples in the global stream
         x0 = next(parts.loader).to(rt.device, non_blocking=True)
+        if hooks.batch is not None:
+            hooks.batch(step, k, x0)
         t, noise = draw_t_and_noise(range(first, first + rt.micro), diffusion.num_timesteps, shape, seed, rt.device)
         torch.manual_seed(mix_seed(seed, STREAM_DROPOUT, rt.rank, step, k))
         with acc.accumulate(model):
