@@ -84,3 +84,34 @@ def log_image(acc, tracker: str, name: str, image: np.ndarray, step: int) -> Non
         import wandb
 
         acc.get_tracker("wandb", unwrap=True).log({name: wandb.Image(image)}, step=step)
+
+
+def log_images_to_run(run_dir: str | os.PathLike, images: dict, step: int | None = None) -> bool:
+    """Log image files {name: path} to the tracker run of a run folder, outside training (e.g. the
+    eval figures of one of its checkpoints, at that checkpoint's `step`). False when the run has
+    no tracker. W&B: the run's own id is resumed (best after training ended: W&B keeps one writer
+    per run) and the images are logged with `checkpoint_step`, since W&B steps only grow."""
+    state = read_state(run_dir)
+    arrays = {name: grid_array(path) for name, path in images.items()}
+    if state.get("tracker") == "tensorboard" and state.get("logdir"):
+        from torch.utils.tensorboard import SummaryWriter  # what Accelerate's TensorBoard tracker writes with
+
+        writer = SummaryWriter(state["logdir"])
+        try:
+            for name, arr in arrays.items():
+                writer.add_image(name, arr, global_step=step, dataformats="HWC")
+        finally:
+            writer.close()
+        return True
+    if state.get("tracker") == "wandb" and state.get("run_id"):
+        import wandb
+
+        run = wandb.init(id=state["run_id"], resume="allow", project=state.get("project"),
+                         entity=state.get("entity") or None, dir=str(Path(run_dir) / "logs"))
+        try:
+            run.log({**{name: wandb.Image(arr) for name, arr in arrays.items()},
+                     **({"checkpoint_step": step} if step is not None else {})})
+        finally:
+            run.finish()
+        return True
+    return False

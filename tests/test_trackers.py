@@ -4,6 +4,7 @@ the scalars; a W&B run (offline mode) killed by SIGTERM and relaunched is one W&
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -90,3 +91,29 @@ def test_wandb_offline_run_resumed_after_sigterm_is_one_run(tmp_path):
     assert all((p / f"run-{first_id}.wandb").is_file() for p in runs)
     images = sorted(p.name for p in (runs[-1] / "files" / "media" / "images").glob("samples_*.png"))
     assert images and images[-1].startswith("samples_6_")  # the grid of step 6, logged at step 6
+
+
+def test_eval_figures_of_a_run_go_to_its_tensorboard(tmp_path):
+    """`python -m eval figures RUN` logs the figures to the run's tracker at the checkpoint's step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from support.hub import eval_cli
+    from support.hub_models import make_run
+
+    run = make_run(tmp_path / "run", results=False)  # a checkpoint at step 40
+    recipe = Recipe.from_dict({"model": {"resolution": 8}, "run": {"name": "tiny", "output_dir": str(run)}})
+    init_arguments(recipe.run, run, 0)  # what the trainer's first launch writes
+    shards = make_tiny_shards(tmp_path / "shards")
+    r = eval_cli(["figures", str(run), "--out", str(tmp_path / "fig"), "--which", "6", "--rows", "1",
+                  "--shards", str(shards)], {**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    ev = EventAccumulator(str(run / "logs" / "tiny"), size_guidance={"images": 0}).Reload()
+    assert ev.Tags()["images"] == ["eval/fig6_progressive"]
+    img = ev.Images("eval/fig6_progressive")[0]
+    assert img.step == 40
+    from io import BytesIO
+
+    from PIL import Image
+
+    logged = np.asarray(Image.open(BytesIO(img.encoded_image_string)).convert("RGB"))
+    np.testing.assert_array_equal(logged, grid_array(tmp_path / "fig" / "fig6_progressive.png"))
