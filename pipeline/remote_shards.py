@@ -91,15 +91,16 @@ def _fetch_hub(repo_id: str, revision: str | None, count_samples) -> Path:
     try:
         commit = HfApi().dataset_info(repo_id, revision=revision).sha
     except RepositoryNotFoundError:
-        raise RemoteShardsError(f"data.shards={repo_id}: no local folder of that name, and no Hub data set repo "
-                                "(or it is private and your token cannot read it)") from None
+        raise RemoteShardsError(f"data.shards={repo_id}: no local folder of that name (run data_prep first?), "
+                                "and no Hub data set repo (or it is private and your token cannot read it)") from None
     except RevisionNotFoundError:
         raise RemoteShardsError(f"data.shards={repo_id}: no revision '{revision}' on the Hub") from None
     except (HfHubHTTPError, OSError, httpx2.TransportError) as e:
         cached = ref.read_text().strip() if ref.is_file() else None
         if cached and (base / cached / COMPLETE).is_file():  # offline, but fetched before
             return base / cached
-        raise RemoteShardsError(f"data.shards={repo_id}: cannot reach the Hub and no cached copy: "
+        raise RemoteShardsError(f"data.shards={repo_id}: no local folder of that name (run data_prep first?), "
+                                f"and the Hub cannot be reached and holds no cached copy: "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     folder = base / commit
 

@@ -59,7 +59,7 @@ def init_arguments(run_cfg, run_dir: str | os.PathLike, step: int) -> tuple[str,
             kwargs["entity"] = ident["entity"]
         return ident["project"], {"wandb": kwargs}
     if run_cfg.tracker == "tensorboard":
-        if not read_state(run_dir):
+        if read_state(run_dir).get("tracker") != "tensorboard":
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             atomic.write_json(Path(run_dir) / STATE_FILE,
                               {"tracker": "tensorboard", "run_id": run_cfg.name,

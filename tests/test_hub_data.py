@@ -97,6 +97,8 @@ def test_pushed_shards_load_by_repo_id_exactly_as_local(hub, tmp_path, monkeypat
     assert _stream(remote, 13) == _stream(local, 13)  # two epochs of 24 and a bit: the same order
     cached = Path(remote.shards.paths[0]).parent
     assert cached.is_relative_to(tmp_path / "cache")
+    with pytest.raises(RemoteShardsError, match="alice/missing: no local folder of that name .* no Hub data set repo"):
+        TrainLoader("alice/missing", **kw)
     hub.stop()  # offline: the verified copy is used
     again = TrainLoader("alice/tiny-shards", **kw)
     assert again.shards.paths == remote.shards.paths
