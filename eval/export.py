@@ -55,8 +55,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, format: str = "nat
             dest = Path(build) / name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        old = Path(stage) / "replaced"
+        if out.exists():  # moved aside (deleted with the staging folder): `out` is never half written
+            os.replace(out, old)
         os.replace(build, out)  # whole or not at all; the emptied temporary name is recreated for cleanup
         Path(build).mkdir()
     return sorted(files)
