@@ -1,4 +1,4 @@
-"""python -m data_prep {lsun,folder,cifar10}: images -> WebDataset tar shards + manifest.json.
+"""python -m data_prep {lsun,folder,cifar10,hf}: images -> WebDataset tar shards + manifest.json.
 
 Each image is centre-cropped to its short side and resized (antialiased, LANCZOS) to
 --resolution, as ProGAN's create_lsun did for the TFRecords the original DDPM trained on,
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_prep.hub_cli import add_hf_arguments, add_push_parser, open_hf_source, run_push
 from data_prep.preprocess import DEFAULT_FORMAT, FORMATS, PNG_LEVEL
 from data_prep.shards import prepare
 from data_prep.sources import PrepError, open_source
@@ -19,16 +20,20 @@ from pipeline.errors import run_cli
 EPILOG = """examples:
   python -m data_prep lsun --lmdb lsun/bedroom_train_lmdb --out data/lsun_bedroom --workers 16
   python -m data_prep folder --images celeba_hq/1024 --out data/celebahq256 --test-count 1000
-  python -m data_prep cifar10 --batches cifar-10-batches-py --out data/cifar10"""
+  python -m data_prep cifar10 --batches cifar-10-batches-py --out data/cifar10
+  python -m data_prep hf --dataset NAMESPACE/NAME --split train --out data/name --resolution 64
+  python -m data_prep push data/cifar10 --repo-id you/cifar10-shards   # then data.shards: you/cifar10-shards"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="kind", required=True, metavar="{lsun,folder,cifar10}")
+    sub = ap.add_subparsers(dest="kind", required=True, metavar="{lsun,folder,cifar10,hf,push}")
     specs = [("lsun", "--lmdb", "an LSUN category LMDB (folder with data.mdb); values are WebP/JPEG bytes", 256),
              ("folder", "--images", "a folder tree of images (CelebA-HQ, FFHQ, ...), read recursively", 256),
-             ("cifar10", "--batches", "the CIFAR-10 python batches (data_batch_1..5, test_batch)", 32)]
+             ("cifar10", "--batches", "the CIFAR-10 python batches (data_batch_1..5, test_batch)", 32),
+             ("hf", "--dataset", "an image data set of the `datasets` library: a Hub id or a local copy "
+              "(parquet/arrow/image folder)", 256)]
     for kind, flag, help_, res in specs:
         p = sub.add_parser(kind, help=help_, description=help_)
         p.add_argument(flag, dest="src", required=True, metavar="PATH", help=help_)
@@ -54,11 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=None,
                        help="only the first N inputs (cifar10: per split), to try things out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if kind == "hf":
+            add_hf_arguments(p)
+    add_push_parser(sub)
     return ap
 
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.kind == "push":
+        return run_push(args)
     for name, v, lo in (("--resolution", args.resolution, 1), ("--shard-size", args.shard_size, 1),
                         ("--workers", args.workers, 1), ("--limit", args.limit, 1),
                         ("--test-count", getattr(args, "test_count", None), 0)):
@@ -72,7 +82,7 @@ def run(argv: list[str]) -> int:
     if not 0.0 <= frac < 1.0:
         raise PrepError(f"--test-fraction must be in [0, 1), got {frac}")
     try:
-        source = open_source(args.kind, args.src)
+        source = open_hf_source(args) if args.kind == "hf" else open_source(args.kind, args.src)
         m = prepare(source, args.out, resolution=args.resolution, fmt=args.format, quality=args.quality,
                     allow_upscale=args.allow_upscale, png_level=args.png_level, test_count=getattr(args, "test_count", None),
                     test_fraction=frac, shard_size=args.shard_size, workers=args.workers,

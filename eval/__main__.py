@@ -1,4 +1,4 @@
-"""`python -m eval {sample,fid,is,ref-stats,sweep,nll,figures,push} ...`: parse, dispatch, report errors as one line.
+"""`python -m eval {sample,fid,is,ref-stats,sweep,nll,figures,push,export} ...`: parse, dispatch, report errors as one line.
 
 Each subcommand lives in its own module with `register(subparsers)`. Run several processes with
 `accelerate launch -m eval <subcommand> ...`. A user error (`pipeline.errors.UserError`) is one
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eval import fid, figures, nll, push, sample, sweep
+from eval import export, fid, figures, nll, push, sample, sweep
 from pipeline.errors import run_cli
 
-SUBCOMMANDS = (sample, fid, nll, figures, push, sweep)
+SUBCOMMANDS = (sample, fid, nll, figures, push, sweep, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

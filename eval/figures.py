@@ -22,6 +22,7 @@ from eval.common import EvalError, Precision, accelerator, add_model_args, load_
 from eval.nll import iter_float
 from eval.results import weights_sha256, write_result
 from eval.sample import save_grid
+from eval.tracking import log_figures_to_run
 from pipeline.atomic import atomic_path, write_json
 from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
@@ -194,5 +195,6 @@ def main(args) -> int:
              "precision": precision, "interp_t_0based": args.interp_t, "figures": list(which)}
     write_result(args.out, "figures", nums, proto,
                  {"source": loaded.source, "weights_sha256": weights_sha256(loaded.model)})
+    log_figures_to_run(args.src, args.out)  # the run's tracker shows them too, when it has one
     print(json.dumps({"out": str(args.out), **nums}))
     return 0

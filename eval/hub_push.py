@@ -22,10 +22,10 @@ from typing import Iterable
 import httpx2
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
-from safetensors.torch import save_file
 
+from eval.diffusers_layout import stage_diffusers_pipeline
 from eval.model_card import render_model_card
-from pipeline import atomic, convert
+from pipeline import atomic
 from pipeline.config import RecipeError, load_recipe
 from pipeline.errors import UserError
 from pipeline.hub import REPO_ID, find_checkpoint, our_weights
@@ -119,8 +119,8 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
     """The files of one push, {path in repo: local file}; generated ones are written under `out`.
 
     native:    ema.safetensors, config.yaml (resolved recipe), config.json (model description)
-    diffusers: diffusion_pytorch_model.safetensors + config.json (UNet2DModel), scheduler_config.json,
-               config.yaml
+    diffusers: what `DDPMPipeline.from_pretrained` opens: model_index.json, unet/ (config.json +
+               diffusion_pytorch_model.safetensors), scheduler/scheduler_config.json; and config.yaml
     both:      results.json (when evaluated), samples/*.png, README.md (model card)"""
     weights, config, run_dir = _resolve_checkpoint(Path(src))
     try:
@@ -156,15 +156,10 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
             "parameters": parameters, "step": step})
     else:
         try:
-            scheduler = convert.ddpm_scheduler_config(recipe.diffusion)
+            files.update(stage_diffusers_pipeline(recipe, state, out))
         except ValueError as e:
             raise PushError(f"{e}; push --format native") from None
-        files["diffusion_pytorch_model.safetensors"] = out / "diffusion_pytorch_model.safetensors"
-        with atomic.atomic_path(out / "diffusion_pytorch_model.safetensors") as tmp:
-            save_file(convert.to_diffusers(state), str(tmp), metadata={"format": "pt"})
-        atomic.write_json(out / "config.json", {"_class_name": "UNet2DModel", **convert.diffusers_config(unet_kwargs)})
-        atomic.write_json(out / "scheduler_config.json", scheduler)
-        files["scheduler_config.json"] = out / "scheduler_config.json"
+        del files["config.json"]  # the pipeline's files say it all: model_index.json, unet/, scheduler/
     if results_path is not None:
         files["results.json"] = results_path
     for s in samples:

@@ -77,12 +77,13 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
             why = protocol.get("paper_protocol_caveats") or [f"{protocol.get('sampler', 'DDIM')}, beyond the paper"]
             mname += f" (not the paper's protocol: {'; '.join(why)})"
         evals.append(EvalResult(task_type=TASK, dataset_type=ds_id, dataset_name=ds_name, dataset_split=str(split),
-                                metric_type=mtype, metric_value=value, metric_name=mname))
+                                metric_type=mtype, metric_value=value, metric_name=mname,
+                                metric_args=_protocol_args(protocol)))
     data = ModelCardData(
         library_name="diffusers" if format == "diffusers" else "ddpm-pipeline",
         pipeline_tag=TASK,
         tags=["ddpm", "diffusion", "unconditional-image-generation", "pytorch", "safetensors"]
-        + (["diffusers:UNet2DModel"] if format == "diffusers" else []),
+        + (["diffusers:DDPMPipeline"] if format == "diffusers" else []),
         datasets=[ds_id],
         model_name=repo_id,
         eval_results=evals or None,
@@ -175,11 +176,19 @@ def _load_section(repo_id: str, format: str) -> list[str]:
            "Sample or evaluate from the command line:", "", "```bash",
            f"python -m eval sample {repo_id} --out samples/", f"python -m eval fid {repo_id} --out eval/", "```", ""]
     if format == "diffusers":
-        out += ["With diffusers:", "", "```python", "from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel",
-                "", f'unet = UNet2DModel.from_pretrained("{repo_id}")',
-                f'scheduler = DDPMScheduler.from_pretrained("{repo_id}")',
-                "images = DDPMPipeline(unet=unet, scheduler=scheduler)(batch_size=4).images", "```", ""]
+        # The Hub shows this snippet: the repo is a DDPMPipeline (model_index.json, unet/, scheduler/).
+        out = out[:2] + ["With diffusers:", "", "```python", "from diffusers import DDPMPipeline",
+                         f'image = DDPMPipeline.from_pretrained("{repo_id}")().images[0]', "```", "",
+                         "The scheduler config carries this model's T, betas, variance and x_0 clipping; "
+                         "`num_inference_steps` below T is a strided schedule (beyond the paper).", ""] + out[2:]
     return out
+
+
+def _protocol_args(protocol: dict) -> dict | None:
+    """The protocol of a metric as model-index `args`: its scalar settings (sampler, samples, split,
+    reference, ...), so the metadata says how the number was computed, not only the card's text."""
+    args = {k: v for k, v in sorted(protocol.items()) if isinstance(v, (str, int, float, bool)) and v is not None}
+    return args or None
 
 
 def card_metadata(text: str) -> dict[str, Any]:

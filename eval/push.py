@@ -8,8 +8,8 @@ import shlex
 EPILOG = """\
 what is pushed (one commit, so the repo never shows half a checkpoint):
   native     ema.safetensors, config.yaml (resolved recipe), config.json (model description)
-  diffusers  diffusion_pytorch_model.safetensors + config.json (UNet2DModel),
-             scheduler_config.json (DDPMScheduler), config.yaml
+  diffusers  a DDPMPipeline: model_index.json, unet/ (UNet2DModel config + weights),
+             scheduler/scheduler_config.json (DDPMScheduler), config.yaml
   both       results.json of the evaluation, sample grids, README.md model card
 
 The token comes from HF_TOKEN or `hf auth login`; it is checked before anything is uploaded.
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--format", choices=("native", "diffusers"), default="native",
-                   help="native: our layout; diffusers: UNet2DModel.from_pretrained loads it")
+                   help="native: our layout; diffusers: DDPMPipeline.from_pretrained opens it")
     p.add_argument("--results", default=None,
                    help="results.json to publish (default: the checkpoint's or the run's results.json)")
     p.add_argument("--samples", nargs="*", default=None,

@@ -135,6 +135,8 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs/run"
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    wandb_project: Optional[str] = None  # None: $WANDB_PROJECT, else run.name (pipeline/trackers.py)
+    wandb_entity: Optional[str] = None  # None: $WANDB_ENTITY, else the account's default
 
 
 @dataclass
@@ -189,6 +191,8 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
     shards = recipe.data.shards
     if not shards:
         raise RecipeError(f"{source}: data.shards is not set")
+    if _remote(shards):  # a Hub data set repo or a URL: fetched and verified when the loader opens it
+        return
     p = Path(shards)
     manifest = p / "manifest.json" if p.is_dir() else p
     if not manifest.is_file():
@@ -208,6 +212,12 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
         parent = Path(init).parent
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", init) or (parent != Path(".") and parent.is_dir()):
             raise RecipeError(f"{source}: train.init_from: {short(init)}: no such file or directory")
+
+
+def _remote(shards: str) -> bool:
+    from pipeline.remote_shards import is_remote  # torch-free, as this module
+
+    return is_remote(shards)
 
 
 def _apply_override(data: dict, item: str, source: str) -> None:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline import remote_shards
 from pipeline.errors import UserError
 from pipeline.manifest import ManifestError, read_manifest
 
@@ -130,6 +131,8 @@ class ShardSet:
 
     def __init__(self, source, split: str = "train"):
         self.manifest = None
+        if isinstance(source, str) and remote_shards.is_remote(source):  # a Hub repo / URL: a verified local copy
+            source = remote_shards.local_shards(source, count_samples=lambda p: len(scan_tar(p)[0]))
         if isinstance(source, (list, tuple)):
             paths = [str(p) for p in source]
         else:

@@ -90,7 +90,8 @@ def _load_local(path: Path, use_ema: bool, source: str | None) -> Pretrained:
         folder = path / sub if sub else path
         weights = next((folder / w for w in DIFFUSERS_WEIGHTS if (folder / w).is_file()), None)
         if weights is not None and (folder / "config.json").is_file():
-            return _build_diffusers(folder / "config.json", weights, _scheduler_config(path), source)
+            return _build_diffusers(folder / "config.json", weights, _scheduler_config(path), source,
+                                    recipe_file=path / "config.yaml" if sub and (path / "config.yaml").is_file() else None)
     raise LoadError(
         f"{path}: no model found: want config.yaml + {' or '.join(OUR_WEIGHTS)} (ours), "
         f"config.json + diffusion_pytorch_model.safetensors/.bin (diffusers), or a run directory"
@@ -155,7 +156,8 @@ def _read_json(path: Path) -> dict:
     return d
 
 
-def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source: str | None) -> Pretrained:
+def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source: str | None,
+                     recipe_file: Path | None = None) -> Pretrained:
     cfg = _read_json(config)
     try:
         kwargs = convert.unet_kwargs_from_diffusers(cfg)
@@ -174,6 +176,8 @@ def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source
                                    "run": {"name": name.replace("/", "--")}}, source=str(config))
     except RecipeError as e:
         raise LoadError(str(e)) from None
+    if recipe_file is not None:  # our export of a pipeline keeps the training recipe beside it
+        recipe = _matching_recipe(recipe_file, recipe)
     model = build.unet(recipe.model)
     state = _rename_deprecated_attention(load_state_dict(weights))
     try:
@@ -182,6 +186,24 @@ def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source
         raise LoadError(f"{weights}: weights do not match the diffusers UNet2DModel layout: {e}") from None
     _load_into(model, state, weights)
     return Pretrained(model.eval(), build.diffusion(recipe.diffusion), recipe, source or str(weights))
+
+
+def _matching_recipe(recipe_file: Path, derived: Recipe) -> Recipe:
+    """The recipe in `recipe_file` (data, training and eval settings included) when its model and
+    diffusion agree with the diffusers configs the weights came with; else, with a warning, the
+    recipe built from those configs (the files diffusers reads decide what the weights are)."""
+    try:
+        ours = load_recipe(recipe_file)
+    except RecipeError as e:
+        log.warning("%s: ignored (%s); using the diffusers configs", recipe_file, e)
+        return derived
+    d_ours, d_derived = ours.to_dict()["diffusion"], derived.to_dict()["diffusion"]
+    same_diffusion = all(d_ours[k] == d_derived[k] for k in ("timesteps", "beta_start", "beta_end", "mean_type", "var_type"))
+    defaults = {"in_channels": 3, "out_channels": 3}  # the UNet's defaults, which a recipe may leave out
+    if {**defaults, **ours.model.unet_kwargs()} == {**defaults, **derived.model.unet_kwargs()} and same_diffusion:
+        return ours
+    log.warning("%s: model or diffusion differ from the diffusers configs beside it; using those", recipe_file)
+    return derived
 
 
 _OLD_ATTN = re.compile(r"(.*attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
@@ -274,5 +296,6 @@ def _pick_hub_files(files: set[str], use_ema: bool) -> list[str]:
         weights = next((sub + w for w in DIFFUSERS_WEIGHTS if sub + w in files), None)
         if weights and sub + "config.json" in files:
             sched = [s for s in ("scheduler_config.json", "scheduler/scheduler_config.json") if s in files]
-            return [sub + "config.json", weights, *sched[:1]]
+            recipe = ["config.yaml"] if sub and "config.yaml" in files else []  # our pipeline export's recipe
+            return [sub + "config.json", weights, *sched[:1], *recipe]
     return []

@@ -3,7 +3,8 @@
     accelerate launch pipeline/train.py recipes/lsun_bedroom.yaml [section.key=value ...]
     python pipeline/train.py recipes/quickstart.yaml train.max_steps=20 --dry-run
 
-Every launch resumes from the newest complete checkpoint in run.output_dir. On SIGTERM or
+Every launch resumes from the newest complete checkpoint in run.output_dir (--resume-from CKPT
+picks another, --no-resume starts fresh in an empty folder) and prints where it started. On SIGTERM or
 SIGUSR1 the run saves after the current step and exits 75 (EX_TEMPFAIL: relaunch to resume);
 a finished run exits 0; a bad recipe exits 2 before any work, with one line naming the key.
 """
@@ -21,6 +22,7 @@ import yaml
 
 from pipeline.config import check_paths, load_recipe
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError, run_cli
+from pipeline.resume import choose_checkpoint
 
 __all__ = ["EXIT_OK", "EXIT_REQUEUE", "main", "parse_args"]
 
@@ -37,6 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume-from", metavar="CKPT", default=None,
+                   help="resume from this checkpoint directory (or a run directory's newest checkpoint) "
+                        "into run.output_dir; a requeue of the same command continues the new run")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start fresh; refused unless run.output_dir is empty or missing")
     return p.parse_intermixed_args(argv)  # flags and overrides in any order
 
 
@@ -52,12 +60,13 @@ def run(args: argparse.Namespace, hooks=None) -> int:
         return EXIT_OK
     check_paths(recipe, args.recipe)
     recipe.model.unet_kwargs()  # the model section resolves (preset, sizes) before any work
+    choose_checkpoint(recipe.run.output_dir, args.resume_from, args.no_resume)  # refused here, before torch loads
     # Imported here: torch, Accelerate and DeepSpeed take seconds to import, and --help,
     # --dry-run and a recipe refused above need none of them.
     from pipeline.trainer import train
 
     try:
-        return train(recipe, hooks=hooks)
+        return train(recipe, hooks=hooks, resume_from=args.resume_from, no_resume=args.no_resume)
     except UserError as e:
         # Found once the world size / shards are open: batch layout, DeepSpeed config, a split
         # without samples, a resumed loader state that does not fit these shards, too many

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint, fast_path, integrity, snapshots
+from pipeline import build, checkpoint, fast_path, integrity, resume, snapshots, trackers
 from pipeline.atomic import atomic_path
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
@@ -61,6 +61,7 @@ class Hooks:
     """Callbacks into the loop for tests (in-process runs, or tests/support/train_with_hooks.py)."""
     loss: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None  # (step, loss) -> the loss to use
     in_save: Optional[Callable[[int, Path], None]] = None  # (step, tmp dir): main process, weights written
+    batch: Optional[Callable[[int, int, torch.Tensor], None]] = None  # (step, micro-step, x0): every rank
 
 
 # ------------------------------------------------------------------------------ pure pieces
@@ -278,16 +279,20 @@ class TrainState:
                    fp16_overflows=int(saved.get("fp16_overflows", 0)))
 
 
-def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
-    """Train until train.max_steps (exit 0) or a stop signal (save, exit EXIT_REQUEUE)."""
+def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optional[str] = None,
+          no_resume: bool = False) -> int:
+    """Train until train.max_steps (exit 0) or a stop signal (save, exit EXIT_REQUEUE).
+    `resume_from` / `no_resume`: see pipeline/resume.py (default: the run's newest checkpoint)."""
     hooks = hooks or Hooks()
     tc, run_dir = recipe.train, Path(recipe.run.output_dir)
+    ckpt = resume.choose_checkpoint(run_dir, resume_from, no_resume)  # every rank, before the rendezvous
 
     # Runtime: processes, device, batch layout, precision.
     rt = setup_runtime(recipe)
 
     # Model, EMA, optimizer, loader; fine-tuning weights only for a fresh run.
-    ckpt = checkpoint.resume_point(run_dir, rt.acc)  # the newest intact one; damaged ones reported
+    if ckpt is not None and ckpt.parent.resolve() == checkpoint.checkpoints_dir(run_dir).resolve():
+        ckpt = checkpoint.resume_point(run_dir, rt.acc)  # the newest intact one; damaged ones reported
     if ckpt is not None:
         checkpoint.check_resumable(ckpt, recipe)
     parts = build_parts(recipe, rt, init_weights=ckpt is None)
@@ -298,10 +303,10 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
         saved = checkpoint.restore(ckpt, acc=rt.acc, ema=parts.ema, loader=parts.loader,
                                    global_batch=tc.global_batch_size, deepspeed=rt.is_deepspeed)
         state = TrainState.from_saved(saved)
-        if rt.main:
-            print(f"resumed from {ckpt} at step {state.step}", flush=True)
     if rt.main:  # only once the recipe is accepted: a refused resume leaves config.yaml as it was
         save_recipe(recipe, run_dir / "config.yaml")
+        resume.record_origin(run_dir, ckpt)
+        print(resume.describe(ckpt, state.step), flush=True)
 
     # The loop: an optimizer step, its log, a sample grid and a checkpoint when due.
     progress = Progress(recipe, rt.acc, state.step, parts.loader.position) if rt.main else None
@@ -316,7 +321,8 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None) -> int:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
             due = not result.skipped  # a non-finite step is not a step: nothing is due, nothing saved
             if due and rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
-                write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
+                grid = write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
+                progress.log_image("samples", grid, state.step)
             if due and rt.main and tc.snapshot_every > 0 and state.step % tc.snapshot_every == 0:
                 snapshots.write_snapshot(run_dir, state.step, parts.ema.state_dict(), recipe)
             if result.stop:
@@ -409,6 +415,8 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
     for k in range(rt.accum):
         # x0 and, drawn by the loader's workers per global stream position (NoiseDraw), t and eps.
         x0, t, noise = (v.to(rt.device, non_blocking=True) for v in next(parts.loader))
+        if hooks.batch is not None:
+            hooks.batch(step, k, x0)
         torch.manual_seed(mix_seed(seed, STREAM_DROPOUT, rt.rank, step, k))
         with acc.accumulate(model):
             with acc.autocast():
@@ -480,9 +488,11 @@ class Progress:
     since the last log (loss and grad norm over the steps taken), lr and throughput."""
 
     def __init__(self, recipe: Recipe, acc: Accelerator, step: int, position: int):
-        self.tc, self.acc, self.tracking = recipe.train, acc, recipe.run.tracker != "none"
-        if self.tracking:
-            acc.init_trackers(recipe.run.name, config=_flat(recipe.to_dict()))
+        self.tc, self.acc, self.tracker = recipe.train, acc, recipe.run.tracker
+        self.tracking = self.tracker != "none"
+        if self.tracking:  # the same tracker run on every launch of this run folder (pipeline/trackers.py)
+            project, kwargs = trackers.init_arguments(recipe.run, recipe.run.output_dir, step)
+            acc.init_trackers(project, config=_flat(recipe.to_dict()), init_kwargs=kwargs)
         self.bar = tqdm(total=self.tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
         self.time, self.position = time.time(), position
         self.sums = torch.zeros(3, dtype=torch.float64)  # loss sum, grad-norm sum, steps taken
@@ -504,6 +514,10 @@ class Progress:
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{r.lr:.2e}")
         self.time, self.position = now, position
         self.sums.zero_()
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        if self.tracking:
+            trackers.log_image(self.acc, self.tracker, name, trackers.grid_array(path), step)
 
     def close(self) -> None:
         self.bar.close()

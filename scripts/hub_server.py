@@ -44,6 +44,7 @@ LFS_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz", ".png"
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 GITATTRIBUTES = "".join(f"*{e} filter=lfs diff=lfs merge=lfs -text\n" for e in LFS_EXTENSIONS).encode()
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}  # in git / LFS URLs
 
 
 def git_blob_oid(content: bytes) -> str:
@@ -399,7 +400,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 objects.append({"oid": o["oid"], "size": o["size"], "authenticated": True, "actions": {
                     "upload": {"href": f"{hub.endpoint}/lfs-upload/{o['oid']}"},
-                    "verify": {"href": f"{hub.endpoint}/{repo.repo_id}.git/info/lfs/objects/verify"}}})
+                    "verify": {"href": f"{hub.endpoint}/{_URL_PREFIX[repo.repo_type]}{repo.repo_id}"
+                                       ".git/info/lfs/objects/verify"}}})
         self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
                    ctype="application/vnd.git-lfs+json")
         return 200

@@ -165,9 +165,11 @@ def test_diffusers_export_loads_in_diffusers(hub, tmp_path, monkeypatch):
 
     run = make_run(tmp_path / "run")
     out = push_to_hub(run, "alice/tiny-diffusers", format="diffusers")
-    assert {"diffusion_pytorch_model.safetensors", "scheduler_config.json", "config.json"} <= set(out["files"])
-    unet = UNet2DModel.from_pretrained("alice/tiny-diffusers").eval()  # diffusers pulls from the server itself
-    sched = DDPMScheduler.from_pretrained("alice/tiny-diffusers")
+    assert {"model_index.json", "unet/diffusion_pytorch_model.safetensors", "unet/config.json",
+            "scheduler/scheduler_config.json"} <= set(out["files"])
+    # diffusers pulls from the server itself
+    unet = UNet2DModel.from_pretrained("alice/tiny-diffusers", subfolder="unet").eval()
+    sched = DDPMScheduler.from_pretrained("alice/tiny-diffusers", subfolder="scheduler")
     assert sched.config.variance_type == "fixed_large" and sched.config.num_train_timesteps == 1000
     ours = load_pretrained(run).model
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))

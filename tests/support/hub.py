@@ -22,10 +22,13 @@ def hub(tmp_path, monkeypatch):
     """A server on 127.0.0.1:<free port>; the in-process client pointed at it, with a fresh cache."""
     # Imported when a test asks for the Hub: every test session loads this plugin, and the client
     # reads its HF_* settings at import.
-    from huggingface_hub import constants
+    from huggingface_hub import constants, hf_api
 
     with HubServer(tokens={TOKEN: "alice", "hf_bob": "bob"}, orgs={"alice": ["ddpm-org"]}) as srv:
         monkeypatch.setattr(constants, "ENDPOINT", srv.endpoint)
+        # The module-level client behind huggingface_hub.model_info (what diffusers' pipeline
+        # loader calls) took its endpoint at import.
+        monkeypatch.setattr(hf_api.api, "endpoint", srv.endpoint)
         monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                             srv.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)

@@ -1,0 +1,190 @@
+"""Shards that live elsewhere: `data.shards` naming a Hub data set repo or an fsspec URL.
+
+    data.shards: NAMESPACE/NAME                 a Hub data set repo (from `python -m data_prep push`)
+    data.shards: hf://datasets/NAMESPACE/NAME@REV   the same at a revision
+    data.shards: s3://bucket/prefix, gs://..., file:///..., any fsspec URL of a folder holding
+                 manifest.json and its shards
+
+On first use the manifest and every shard it lists are copied into a local per-node cache
+($DDPM_SHARDS_CACHE, default ~/.cache/ddpm-pipeline/shards), one folder per source (and Hub
+commit), under a file lock so the processes of one node fetch once. Each shard is verified
+against checksums.json when the source has it (sha256 and size), else its sample count against
+the manifest; a bad copy is deleted and is a DataError naming it. The cached folder is then read
+as local shards: the same exactly-once order, resume and world-size independence. A bare
+NAMESPACE/NAME is a Hub repo only when no local path of that name (or its first part) exists.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline import atomic
+from pipeline.errors import UserError
+
+CHECKSUMS = "checksums.json"
+COMPLETE = ".complete"  # written last: the folder holds a verified copy
+_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HF_URL = re.compile(r"hf://datasets/([A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@([^/]+))?/?")
+
+
+class RemoteShardsError(UserError):
+    """Remote shards that cannot be fetched or do not match their manifest (exit 2)."""
+
+
+def is_remote(spec: str) -> bool:
+    if not isinstance(spec, str) or not spec:
+        return False
+    if "://" in spec:
+        return True
+    return bool(_REPO.fullmatch(spec)) and not Path(spec).exists() and not Path(spec.split("/")[0]).exists()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DDPM_SHARDS_CACHE") or Path.home() / ".cache" / "ddpm-pipeline" / "shards")
+
+
+def local_shards(spec: str, count_samples=None) -> str:
+    """A local folder holding a verified copy of the shards `spec` names (fetched on first use).
+    `count_samples(path) -> int` checks shards against the manifest when there is no checksums.json
+    (pipeline.data passes its own tar reader)."""
+    m = _HF_URL.fullmatch(spec)
+    if m or "://" not in spec:
+        repo, rev = (m.group(1), m.group(2)) if m else (spec, None)
+        return str(_fetch_hub(repo, rev, count_samples))
+    return str(_fetch_fsspec(spec, count_samples))
+
+
+@contextmanager
+def _locked(folder: Path):
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # the other processes of this node wait for the first fetch
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "--", name).strip("-")[:120] or "_"
+
+
+# ------------------------------------------------------------------------------ the Hub
+
+
+def _fetch_hub(repo_id: str, revision: str | None, count_samples) -> Path:
+    # Imported for Hub sources only: local shards never load the Hub client.
+    import httpx2
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    base = cache_root() / "hub" / _safe(repo_id)
+    ref = base / "refs" / _safe(revision or "main")
+    try:
+        commit = HfApi().dataset_info(repo_id, revision=revision).sha
+    except RepositoryNotFoundError:
+        raise RemoteShardsError(f"data.shards={repo_id}: no local folder of that name (run data_prep first?), "
+                                "and no Hub data set repo (or it is private and your token cannot read it)") from None
+    except RevisionNotFoundError:
+        raise RemoteShardsError(f"data.shards={repo_id}: no revision '{revision}' on the Hub") from None
+    except (HfHubHTTPError, OSError, httpx2.TransportError) as e:
+        cached = ref.read_text().strip() if ref.is_file() else None
+        if cached and (base / cached / COMPLETE).is_file():  # offline, but fetched before
+            return base / cached
+        raise RemoteShardsError(f"data.shards={repo_id}: no local folder of that name (run data_prep first?), "
+                                f"and the Hub cannot be reached and holds no cached copy: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    folder = base / commit
+
+    def get(name: str, dest: Path) -> None:
+        try:
+            path = hf_hub_download(repo_id, name, repo_type="dataset", revision=commit, local_dir=dest.parent)
+        except (HfHubHTTPError, OSError, httpx2.TransportError) as e:
+            raise RemoteShardsError(f"data.shards={repo_id}@{commit[:12]}: cannot download {name}: "
+                                    f"{str(e).splitlines()[0]}") from None
+        if Path(path) != dest:
+            os.replace(path, dest)
+
+    _fill(folder, get, f"{repo_id}@{commit[:12]}", count_samples)
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(ref, commit + "\n")
+    return folder
+
+
+# ------------------------------------------------------------------------------ fsspec
+
+
+def _fetch_fsspec(url: str, count_samples) -> Path:
+    import fsspec
+
+    folder = cache_root() / "url" / (_safe(url) + "-" + hashlib.sha1(url.encode()).hexdigest()[:10])
+    base = url.rstrip("/")
+
+    def get(name: str, dest: Path) -> None:
+        try:
+            with fsspec.open(f"{base}/{name}", "rb") as src, atomic.atomic_path(dest) as tmp, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except (OSError, ValueError, ImportError) as e:
+            raise RemoteShardsError(f"data.shards={url}: cannot read {name}: {str(e).splitlines()[0]}") from None
+
+    _fill(folder, get, url, count_samples)
+    return folder
+
+
+# ------------------------------------------------------------------------------ fetch and verify
+
+
+def _fill(folder: Path, get, what: str, count_samples) -> None:
+    """Fetch manifest.json (+ checksums.json) and every listed shard into `folder` unless a verified
+    copy is there; verify each shard; mark the folder complete."""
+    with _locked(folder):
+        if (folder / COMPLETE).is_file():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        get("manifest.json", folder / "manifest.json")
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            shards = [(s["name"], int(s["count"])) for split in manifest["splits"].values() for s in split["shards"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise RemoteShardsError(f"data.shards={what}: manifest.json is not a data_prep manifest ({e})") from None
+        sums = None
+        try:
+            get(CHECKSUMS, folder / CHECKSUMS)
+            sums = json.loads((folder / CHECKSUMS).read_text())
+        except RemoteShardsError:
+            pass  # shards made without `data_prep push`: their counts are checked instead
+        for name, count in shards:
+            dest = folder / name
+            if not (dest.is_file() and _verified(dest, count, sums, count_samples)):
+                get(name, dest)
+                if not _verified(dest, count, sums, count_samples):
+                    dest.unlink()
+                    raise RemoteShardsError(f"data.shards={what}: {name} does not match "
+                                            f"{CHECKSUMS if sums else 'manifest.json'}; the copy was deleted")
+        atomic.write_text(folder / COMPLETE, what + "\n", fsync=True)
+
+
+def _verified(path: Path, count: int, sums: dict | None, count_samples) -> bool:
+    if sums is not None:
+        want = sums.get(path.name) or {}
+        if path.stat().st_size != want.get("bytes"):
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest() == want.get("sha256")
+    if count_samples is None:
+        return True
+    try:
+        return count_samples(str(path)) == count
+    except (tarfile.TarError, OSError):
+        return False

@@ -1,0 +1,159 @@
+"""Data from and to the Hub: a `datasets` image data set (parquet) into shards (data_prep/hf.py),
+shards pushed as a Hub data set in one commit (data_prep/hub.py), and `data.shards` naming that
+repo or an fsspec URL (pipeline/remote_shards.py): fetched once, verified, read with the same
+exactly-once order as local shards, also by a 2-process training run."""
+
+from __future__ import annotations
+
+import json
+import subprocess as sp
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.hub import push_shards
+from pipeline.data import ShardSet, TrainLoader, decode_hwc
+from pipeline.remote_shards import RemoteShardsError, is_remote
+from support.datasets import make_image_folder
+from support.hub import ROOT, hub_env
+from support.train_with_hooks import pixel_digest
+from support.training import HOOKS_SCRIPT, make_tiny_shards, train_cmd, write_recipe
+
+
+def _prep(args, env=None):
+    return sp.run([sys.executable, "-m", "data_prep", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                  env=env)
+
+
+def _pixels(folder) -> dict[str, np.ndarray]:
+    """{key: HWC uint8} of every train and test sample of a shard folder."""
+    out = {}
+    for split in ("train", "test"):
+        s = ShardSet(folder, split)
+        for i in range(len(s)):
+            _, ext, data = s.read(i)
+            out[s.key(i)] = decode_hwc(ext, data)
+    return out
+
+
+def test_parquet_image_dataset_converts_into_the_same_shards(tmp_path):
+    """The same images as a parquet data set (datasets' Image feature) and as an image folder give
+    the same pixels after data_prep (same crop, resize and encoding)."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    paths = make_image_folder(tmp_path / "images", n=6, size=24)
+    split = {"train": paths[:4], "test": paths[4:]}
+    for name, ps in split.items():
+        ds = datasets.Dataset.from_dict({"img": [str(p) for p in ps], "label": list(range(len(ps)))},
+                                        features=datasets.Features({"img": datasets.Image(),
+                                                                    "label": datasets.Value("int64")}))
+        (tmp_path / "pq" / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(tmp_path / "pq" / "data" / f"{name}-00000-of-00001.parquet"))
+    r = _prep(["hf", "--dataset", str(tmp_path / "pq"), "--test-split", "test", "--out", str(tmp_path / "s"),
+               "--resolution", "16", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["dataset"] == "hf" and m["splits"]["train"]["count"] == 4 and m["splits"]["test"]["count"] == 2
+    got = _pixels(tmp_path / "s")
+    assert sorted(got) == ["test_00000000", "test_00000001", "train_00000000", "train_00000001",
+                           "train_00000002", "train_00000003"]
+    # The reference: data_prep's folder source on the same files.
+    ref_dir = tmp_path / "flat"
+    ref_dir.mkdir()
+    for i, p in enumerate(paths):
+        Image.open(p).save(ref_dir / f"{i:05d}.png")
+    r = _prep(["folder", "--images", str(ref_dir), "--out", str(tmp_path / "ref"), "--resolution", "16",
+               "--test-count", "0", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    ref = _pixels(tmp_path / "ref")
+    order = [f"train_{i:08d}" for i in range(4)] + [f"test_{i:08d}" for i in range(2)]
+    for i, key in enumerate(order):
+        np.testing.assert_array_equal(got[key], ref[f"{i:05d}"])
+    bad = _prep(["hf", "--dataset", str(tmp_path / "pq"), "--image-column", "label", "--out", str(tmp_path / "x")])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no image column label" in bad.stderr
+
+
+def _stream(loader, n_batches):
+    return [pixel_digest(x) for _ in range(n_batches) for x in next(loader)]
+
+
+def test_pushed_shards_load_by_repo_id_exactly_as_local(hub, tmp_path, monkeypatch):
+    shards = make_tiny_shards(tmp_path / "shards")
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
+    out = push_shards(shards, "alice/tiny-shards")
+    commits = hub.commits("alice/tiny-shards", repo_type="dataset")
+    assert len(commits) == 2 and commits[0].id == out["commit"]  # the repo's first commit + ours
+    names = json.loads((shards / "manifest.json").read_text())["splits"]
+    assert set(out["files"]) == {"README.md", "checksums.json", "manifest.json",
+                                 *(s["name"] for sp_ in names.values() for s in sp_["shards"])}
+    assert is_remote("alice/tiny-shards") and not is_remote(str(shards))
+
+    kw = dict(batch_size=4, seed=3, random_flip=True, num_workers=0)
+    remote, local = TrainLoader("alice/tiny-shards", **kw), TrainLoader(shards, **kw)
+    assert _stream(remote, 13) == _stream(local, 13)  # two epochs of 24 and a bit: the same order
+    cached = Path(remote.shards.paths[0]).parent
+    assert cached.is_relative_to(tmp_path / "cache")
+    with pytest.raises(RemoteShardsError, match="alice/missing: no local folder of that name .* no Hub data set repo"):
+        TrainLoader("alice/missing", **kw)
+    hub.stop()  # offline: the verified copy is used
+    again = TrainLoader("alice/tiny-shards", **kw)
+    assert again.shards.paths == remote.shards.paths
+
+
+def test_fsspec_url_is_fetched_and_verified(tmp_path, monkeypatch):
+    shards = make_tiny_shards(tmp_path / "shards")
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
+    url = f"file://{shards}"
+    kw = dict(batch_size=4, seed=0, random_flip=False, num_workers=0)
+    assert _stream(TrainLoader(url, **kw), 6) == _stream(TrainLoader(shards, **kw), 6)
+    # A source whose shard does not match its manifest: the bad copy is refused and deleted.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in shards.iterdir():
+        if p.is_file():
+            (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "train-000001.tar").write_bytes((shards / "train-000000.tar").read_bytes()[:4096])
+    with pytest.raises(RemoteShardsError, match="train-000001.tar does not match manifest.json"):
+        TrainLoader(f"file://{bad}", **kw)
+    with pytest.raises(RemoteShardsError, match="cannot read manifest.json"):
+        TrainLoader(f"file://{tmp_path / 'nowhere'}", **kw)
+
+
+def test_push_cli_and_errors(hub, tmp_path):
+    shards = make_tiny_shards(tmp_path / "shards")
+    env = hub_env(hub, tmp_path / "hf-home")
+    r = _prep(["push", str(shards), "--repo-id", "alice/cli-shards"], env)
+    assert r.returncode == 0, r.stderr
+    assert "data.shards=alice/cli-shards" in r.stdout
+    r = _prep(["push", str(tmp_path), "--repo-id", "alice/x"], env)
+    assert r.returncode == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_two_process_training_from_a_hub_dataset_sees_each_sample_once_per_epoch(hub, tmp_path):
+    shards = make_tiny_shards(tmp_path / "shards")  # 24 train samples
+    push_shards(shards, "alice/train-shards")
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "unused", tmp_path / "run",
+                          data={"shards": "alice/train-shards", "random_flip": False},
+                          train={"max_steps": 12, "checkpoint_every": 12})  # 12 x 4 = two epochs
+    record = tmp_path / "batches"
+    cmd, env = train_cmd(recipe, procs=2, script=(HOOKS_SCRIPT, "--record-batches", str(record)))
+    env.update({k: v for k, v in hub_env(hub, tmp_path / "hf-home").items() if k.startswith("HF")})
+    env["DDPM_SHARDS_CACHE"] = str(tmp_path / "node-cache")
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [[json.loads(line) for line in Path(f"{record}.rank{i}").read_text().splitlines()] for i in (0, 1)]
+    assert [len(x) for x in ranks] == [12, 12]
+    stream = [d for step in range(12) for rank in ranks for d in rank[step]["sha1"]]  # global order: rank 0, 1
+    keys = {pixel_digest(torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))).float() / 127.5 - 1): k
+            for k, a in _pixels(shards).items() if k.startswith("data_batch")}
+    assert len(keys) == 24
+    for epoch in range(2):
+        assert sorted(keys[d] for d in stream[epoch * 24:(epoch + 1) * 24]) == sorted(keys.values())
+    single = TrainLoader(shards, batch_size=4, seed=7, random_flip=False, num_workers=0)
+    assert stream == _stream(single, 12)  # as local shards on one process: world-size independent
+    assert list((tmp_path / "node-cache").rglob(".complete"))  # fetched once into the node's cache
