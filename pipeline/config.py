@@ -61,7 +61,9 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     mean_type: Literal["eps", "x0", "mu"] = "eps"
-    var_type: Literal["fixed_small", "fixed_large"] = "fixed_large"
+    # learned: the original's learned diagonal Sigma (Table 2); needs loss_type vlb and a
+    # model with 2 x in_channels outputs (model.out_channels: 6).
+    var_type: Literal["fixed_small", "fixed_large", "learned"] = "fixed_large"
     loss_type: Literal["simple", "vlb", "mu_mse"] = "simple"
 
 
@@ -297,6 +299,7 @@ def _check_values(r: Recipe, source: str) -> None:
     need(r.diffusion.timesteps > 0, "diffusion.timesteps", "must be positive")
     need(0 < r.diffusion.beta_start < r.diffusion.beta_end < 1, "diffusion.beta_end",
          "need 0 < beta_start < beta_end < 1")
+    _check_learned_variance(r, need)
     t = r.train
     need(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
     need(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
@@ -306,6 +309,22 @@ def _check_values(r: Recipe, source: str) -> None:
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
+
+
+def _check_learned_variance(r: Recipe, need) -> None:
+    """A learned Sigma is trained by the bound only, and its network outputs mean and log-variance."""
+    d = r.diffusion
+    if d.var_type == "learned":
+        need(d.loss_type == "vlb", "diffusion.loss_type",
+             f"var_type 'learned' is trained with the bound L: set loss_type: vlb (got '{d.loss_type}')")
+    if r.model.preset not in PRESETS and r.model.resolution is None:
+        return  # reported above
+    k = r.model.unet_kwargs()
+    c_in, c_out = k.get("in_channels", 3), k.get("out_channels", 3)
+    want = 2 * c_in if d.var_type == "learned" else c_in
+    need(c_out == want, "model.out_channels",
+         f"var_type '{d.var_type}' needs {want} output channels for {c_in} input channels, got {c_out}"
+         + (" (set model.out_channels: 6 for a learned Sigma on RGB)" if d.var_type == "learned" else ""))
 
 
 def _plain(obj: Any) -> Any:
