@@ -71,7 +71,7 @@ class DiffusionConfig:
 class DataConfig:
     # A shard directory holding manifest.json, or the manifest file itself.
     shards: str = ""
-    random_flip: bool = True  # the paper flips every data set but LSUN cat
+    random_flip: bool = True  # the paper's text (App. B) flips every data set but LSUN Bedroom
     num_workers: int = 2
     max_corrupt: int = 10  # corrupt samples tolerated before the loader stops
 
@@ -97,6 +97,10 @@ class TrainConfig:
     sample_count: int = 16
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     init_from: Optional[str] = None  # checkpoint dir, safetensors file or Hub id (fine-tuning)
+    # global: clip the averaged gradient; replica: the original's clipping of each TPU core's
+    # gradient before the sum, with clip_replicas virtual cores (pipeline/clipping.py).
+    clip_scope: Literal["global", "replica"] = "global"
+    clip_replicas: int = 8  # the original's 8 cores: per-core batch 16 on CIFAR-10, 8 at 256x256
 
 
 @dataclass
@@ -308,6 +312,8 @@ def _check_values(r: Recipe, source: str) -> None:
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(t.clip_replicas > 0 and (t.clip_scope == "global" or t.global_batch_size % t.clip_replicas == 0),
+         "train.clip_replicas", f"must be positive and divide global_batch_size {t.global_batch_size}")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
 
 

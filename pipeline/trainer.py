@@ -19,6 +19,7 @@ resume (`checkpoint.restore`), then the loop of `train_step`, `Progress`, sample
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from pipeline import build, checkpoint
 from pipeline.atomic import atomic_path
+from pipeline.clipping import ReplicaClipper, make_clipper, replica_micro_batch
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
 from pipeline.diffusion import GaussianDiffusion, draw_t_and_noise
@@ -139,7 +141,7 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
     tc = recipe.train
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    micro, accum = batch_layout(tc.global_batch_size, world_env, tc.micro_batch_size)
+    micro, accum = batch_layout(tc.global_batch_size, world_env, replica_micro_batch(tc, world_env))
     acc = make_accelerator(recipe, accum)
     assert acc.num_processes == world_env, f"WORLD_SIZE={world_env} but Accelerate sees {acc.num_processes} processes"
     is_ds = acc.distributed_type == DistributedType.DEEPSPEED
@@ -192,6 +194,7 @@ class Parts:
     ema: EMA
     diffusion: GaussianDiffusion
     loader: TrainLoader
+    clipper: Optional[ReplicaClipper] = None  # train.clip_scope replica (pipeline/clipping.py)
 
 
 def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
@@ -218,7 +221,9 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
     loader = TrainLoader(recipe.data.shards, batch_size=rt.micro, rank=rt.rank, world_size=rt.world,
                          seed=tc.seed, random_flip=recipe.data.random_flip,
                          num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt)
-    return Parts(model, rt.acc.unwrap_model(model), optimizer, ema, diffusion, loader)
+    clipper = make_clipper(tc, model, rt.world, rt.is_deepspeed, rt.acc.mixed_precision,
+                           lambda x: rt.acc.reduce(x, reduction="sum"))
+    return Parts(model, rt.acc.unwrap_model(model), optimizer, ema, diffusion, loader, clipper)
 
 
 def load_init_weights(src: str) -> dict:
@@ -349,7 +354,7 @@ def train_step(rt: Runtime, parts: Parts, state: TrainState, tc: TrainConfig, st
             g = model.get_global_grad_norm()
             gnorm = float(g) if g is not None else float("nan")
         else:
-            gnorm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            gnorm = parts.clipper.finish() if parts.clipper else float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if acc.optimizer_step_was_skipped:  # fp16 scaler found inf/nan gradients
@@ -375,6 +380,10 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
         return model(x.to(param_dtype), t)
 
     bad, loss_sum, stop_any = False, 0.0, False
+    sync_off = contextlib.ExitStack()
+    if parts.clipper:  # each replica's gradient stays local until ReplicaClipper.finish sums them
+        parts.clipper.begin()
+        sync_off.enter_context(acc.no_sync(model))
     for k in range(rt.accum):
         first = parts.loader.position + rt.rank * rt.micro  # this rank's samples in the global stream
         x0 = next(parts.loader).to(rt.device, non_blocking=True)
@@ -395,6 +404,9 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
             else:
                 loss_sum += mean_loss
                 acc.backward(loss)
+                if parts.clipper:
+                    parts.clipper.take()
+    sync_off.close()
     return bad, loss_sum, stop_any
 
 

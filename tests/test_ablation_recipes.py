@@ -63,7 +63,7 @@ def shards(tmp_path_factory):
 
 TINY = ["model.resolution=16", "model.ch=32", "model.ch_mult=[1,2]", "model.num_res_blocks=1",
         "model.attn_resolutions=[8]", "model.dropout=0.0", "diffusion.timesteps=20",
-        "train.global_batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.lr=1e-3",
+        "train.global_batch_size=4", "train.clip_replicas=2", "train.max_steps=3", "train.warmup_steps=1", "train.lr=1e-3",
         "train.mixed_precision=no", "train.checkpoint_every=3", "train.sample_every=0",
         "train.log_every=1", "data.num_workers=0", "run.tracker=none"]
 
