@@ -2,14 +2,16 @@
 
 The original trained on 8 TPU cores (per-core batch 16 on CIFAR-10, 8 at 256x256) with
 `tf.tpu.CrossShardOptimizer` (reduction MEAN) around Adam, and clipped in between
-(`diffusion_tf/utils.py: make_optimizer`):
+(`diffusion_tf/utils.py: make_optimizer`, called by `tpu_utils.run_training` with
+`grad_clip=grad_clip / num_tpu_replicas()`):
 
-    grads = CrossShardOptimizer.compute_gradients(loss)   # the core's gradient, loss scaled by 1/N
-    grads = tf.clip_by_global_norm(grads, grad_clip)      # clipped on each core, before any sum
+    grads = CrossShardOptimizer.compute_gradients(loss)   # g_k / N: the loss is scaled by 1/N
+    grads = tf.clip_by_global_norm(grads, grad_clip / N)  # on each core, before any sum
     CrossShardOptimizer.apply_gradients(grads)            # cross_replica_sum, then Adam
 
-so the update direction is  sum_k clip(g_k / N, c)  over the N cores, g_k the gradient of core
-k's mean loss, and clip(v, c) = v * c / max(||v||, c). With one core it is global clipping.
+so the update direction is  sum_k clip(g_k / N, c / N) = mean_k clip(g_k, c)  over the N
+cores, g_k the gradient of core k's mean loss, clip(v, c) = v * c / max(||v||, c): each core's
+gradient clipped to norm c, then averaged. With one core it is global clipping.
 `clip_scope: global` (the default) clips the averaged gradient instead: clip(mean_k g_k, c).
 
 `clip_scope: replica` reproduces the original with `train.clip_replicas` virtual replicas
@@ -54,9 +56,10 @@ class ReplicaClipper:
     `take()` after each micro-step's backward (p.grad holds that replica's gradient divided by
     the accumulation steps, Accelerate's scaling), `finish()` before the optimizer step."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], max_norm: float, world: int, reduce_sum=None):
+    def __init__(self, params: Iterable[torch.nn.Parameter], max_norm: float, world: int, replicas: int,
+                 reduce_sum=None):
         self.params = [p for p in params if p.requires_grad]
-        self.max_norm, self.world = float(max_norm), world
+        self.max_norm, self.world, self.replicas = float(max_norm), world, replicas
         self.reduce_sum = reduce_sum  # sums a tensor over processes (Accelerator.reduce)
         self.buf: Optional[list[torch.Tensor]] = None
         self.norms: list[torch.Tensor] = []
@@ -66,10 +69,11 @@ class ReplicaClipper:
 
     def take(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        # p.grad = g_k / accum; the core's gradient is g_k / N with N = accum * world.
+        # p.grad = g_k / accum; this replica's share of the mean is g_k / N, N = accum * world.
         grads = [g.float() / self.world for g in grads]
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        f = clip_factor(norm, self.max_norm)
+        norm = norm * self.replicas  # ||g_k||
+        f = clip_factor(norm, self.max_norm)  # clip(g_k, c) / N = f * g_k / N
         if self.buf is None:
             self.buf = [g * f for g in grads]
         else:
@@ -80,8 +84,8 @@ class ReplicaClipper:
             p.grad = None
 
     def finish(self) -> float:
-        """Sum the clipped replica gradients over processes into p.grad; returns the mean
-        pre-clip replica norm (what the original logged per core)."""
+        """Sum the clipped replica gradients over processes into p.grad (= mean_k clip(g_k, c));
+        returns the mean pre-clip norm ||g_k|| over the replicas."""
         assert self.buf is not None, "ReplicaClipper.finish() before any take()"
         flat = torch.cat([b.flatten() for b in self.buf])
         stats = torch.stack([torch.stack(self.norms).sum(), torch.tensor(float(len(self.norms)),
@@ -106,4 +110,4 @@ def make_clipper(tc: TrainConfig, model: torch.nn.Module, world: int, deepspeed:
         raise RecipeError("train.clip_scope=replica: DeepSpeed clips inside its engine; use clip_scope global")
     if precision == "fp16":
         raise RecipeError("train.clip_scope=replica: fp16's loss scaling is not supported; use bf16 or no")
-    return ReplicaClipper(model.parameters(), tc.grad_clip, world, reduce_sum)
+    return ReplicaClipper(model.parameters(), tc.grad_clip, world, tc.clip_replicas, reduce_sum)

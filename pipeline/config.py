@@ -98,7 +98,7 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping
     init_from: Optional[str] = None  # checkpoint dir, safetensors file or Hub id (fine-tuning)
     # global: clip the averaged gradient; replica: the original's clipping of each TPU core's
-    # gradient before the sum, with clip_replicas virtual cores (pipeline/clipping.py).
+    # gradient before averaging, with clip_replicas virtual cores (pipeline/clipping.py).
     clip_scope: Literal["global", "replica"] = "global"
     clip_replicas: int = 8  # the original's 8 cores: per-core batch 16 on CIFAR-10, 8 at 256x256
 

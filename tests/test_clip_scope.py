@@ -16,9 +16,10 @@ from pipeline.trainer import train
 from support.training import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
 
 
-def test_clipper_is_the_sum_of_per_core_clipped_gradients():
+def test_clipper_is_the_mean_of_per_core_clipped_gradients():
     """Accelerate leaves g_k / accum in p.grad; the original's core k contributes
-    clip(g_k / N, c) with N cores, then the contributions are summed (cross_replica_sum)."""
+    clip(g_k / N, c / N) (CrossShardOptimizer's 1/N loss scaling, run_training's grad_clip / N),
+    and the contributions are summed (cross_replica_sum): mean_k clip(g_k, c)."""
     torch.manual_seed(0)
     net = torch.nn.Linear(5, 3)
     xs = [torch.randn(4, 5) * s for s in (0.1, 1.0, 10.0, 3.0)]  # some cores under c, some over
@@ -29,11 +30,18 @@ def test_clipper_is_the_sum_of_per_core_clipped_gradients():
         g = torch.autograd.grad(net(x).pow(2).mean(), list(net.parameters()))
         g = [gi / N for gi in g]  # CrossShardOptimizer's loss scaling
         n = torch.linalg.vector_norm(torch.cat([gi.flatten() for gi in g]))
-        norms.append(n)
-        f = c / max(n.item(), c)  # tf.clip_by_global_norm
+        norms.append(n * N)  # ||g_k||
+        f = (c / N) / max(n.item(), c / N)  # tf.clip_by_global_norm(grads, grad_clip / N)
         want = [w + gi * f for w, gi in zip(want, g)]
     assert min(norms) < c < max(norms)
-    clipper = ReplicaClipper(net.parameters(), c, world=1)
+    # the same, said as "each core's gradient clipped to norm c, then averaged"
+    mean_clipped = [torch.zeros_like(p) for p in net.parameters()]
+    for x, n in zip(xs, norms):
+        g = torch.autograd.grad(net(x).pow(2).mean(), list(net.parameters()))
+        mean_clipped = [m + gi * (c / max(n.item(), c)) / N for m, gi in zip(mean_clipped, g)]
+    for w, m in zip(want, mean_clipped):
+        torch.testing.assert_close(w, m, rtol=1e-6, atol=1e-8)
+    clipper = ReplicaClipper(net.parameters(), c, world=1, replicas=N)
     clipper.begin()
     for x in xs:
         (net(x).pow(2).mean() / N).backward()  # accumulation over N micro-steps on one process
@@ -86,11 +94,11 @@ def _train(tmp_path, shards, name, **train_cfg):
 
 
 def test_replica_equals_global_without_clipping_and_differs_with_it(tmp_path, shards):
-    # No replica reaches the threshold: the sum of g_k / N is the mean gradient, as in global.
+    # No replica reaches the threshold: mean_k g_k is the averaged gradient, as in global.
     a = _train(tmp_path, shards, "g_big", grad_clip=1e6)
     b = _train(tmp_path, shards, "r_big", grad_clip=1e6, clip_scope="replica", clip_replicas=2)
     assert_same_trajectory(b, a, _initial(_recipe(tmp_path, shards, "g_big")))
-    # Every replica over the threshold: sum_k c g_k / |g_k| is another direction than the mean.
+    # Every replica over the threshold: mean_k c g_k / |g_k| is another direction than the mean.
     c = _train(tmp_path, shards, "g_small", grad_clip=1e-4)
     d = _train(tmp_path, shards, "r_small", grad_clip=1e-4, clip_scope="replica", clip_replicas=2)
     assert max((c[k] - d[k]).abs().max().item() for k in c) > 1e-4
