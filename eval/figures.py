@@ -1,4 +1,5 @@
-"""`eval figures`: the paper's Figs. 5, 6 and 8, as PNG files plus their numbers as JSON.
+"""`eval figures`: the paper's Figs. 5, 6 and 8, as PNG files plus their numbers as JSON
+(Figs. 7, 9 and 10: eval/figures_more.py, through the same command).
 
 Fig. 5  rate-distortion of progressive lossy decoding (Sec. 4.3, Algorithms 3-4): after the
         receiver has x_T (the prior, L_T bits) and the reverse steps down to x_t, the rate is
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval import figures_more
 from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, resolve, to_uint8
 from eval.nll import iter_float
 from eval.results import weights_sha256, write_result
@@ -102,7 +104,8 @@ def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 500, seed: in
 def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, split: str = "test",
                  num_images: int = 8, t_batch: int = 10, seed: int = 0, precision: str = "no",
                  n_progressive: int = 4, lambdas=None, interp_t: int = 500, which=("5", "6", "8"),
-                 device="cpu") -> dict:
+                 device="cpu", more=None) -> dict:
+    """The figures in `which`; `more`: the parsed options of Figs. 7, 9, 10 (figures_more.add_args)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     d = loaded.diffusion
@@ -148,17 +151,22 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
                 "columns": "source a, decodings for each lambda, source b"}
         write_json(out / "fig8_interpolation.json", info, indent=1)
         numbers["fig8"] = {k2: info[k2] for k2 in ("rmse_lambda0_vs_a", "rmse_lambda1_vs_b")}
+    if more is not None and {"7", "9", "10"} & set(which):
+        numbers.update(figures_more.make_more(loaded, model, x0, out, which, more, shards=shards, seed=seed,
+                                              lambdas=lambdas, device=device))
     return numbers
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "figures", help="Figs. 5 (rate-distortion), 6 (progressive generation), 8 (interpolation)",
-        description="The paper's Figs. 5, 6 and 8 as PNG files with their numbers as JSON in OUT.")
+        "figures", help="Figs. 5 (rate-distortion), 6 (progressive generation), 7 (shared x_t), "
+        "8 (interpolation), 9 (coarse-to-fine), 10 (quality along the reverse process)",
+        description="The paper's Figs. 5-10 as PNG files with their numbers as JSON in OUT.")
     add_model_args(p)
     p.add_argument("--shards", default=None, help="shard directory with a test split (default: data.shards)")
     p.add_argument("--split", default=None, help="default: eval.nll_split (test)")
-    p.add_argument("--which", default="5,6,8", help="comma-separated subset of 5,6,8")
+    p.add_argument("--which", default="5,6,8", help="comma-separated subset of 5,6,7,8,9,10 (10 samples "
+                   "--fig10-samples images and scores them with the FID code: the slow one)")
     p.add_argument("--num-images", type=int, default=8, help="test images averaged in Fig. 5")
     p.add_argument("--t-batch", type=int, default=None, help="time steps per model call (Fig. 5); default: eval.nll_t_batch")
     p.add_argument("--rows", type=int, default=4, help="samples in Fig. 6")
@@ -167,6 +175,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help="base seed; default: eval.seed")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
                    help="autocast the U-Net; default: eval.mixed_precision")
+    figures_more.add_args(p)
     p.set_defaults(func=main)
 
 
@@ -174,9 +183,9 @@ def main(args) -> int:
     loaded = load_model(args.src, args.revision, args.model_factory)
     r = loaded.recipe
     which = tuple(w.strip() for w in args.which.split(",") if w.strip())
-    bad = [w for w in which if w not in ("5", "6", "8")]
+    bad = [w for w in which if w not in ("5", "6", "7", "8", "9", "10")]
     if bad:
-        raise EvalError(f"--which: unknown figure {bad[0]!r}; choose from 5, 6, 8")
+        raise EvalError(f"--which: unknown figure {bad[0]!r}; choose from 5, 6, 7, 8, 9, 10")
     shards = resolve(args.shards, r, "data.shards")
     if not shards:
         raise EvalError("no test data: pass --shards or set data.shards in the recipe")
@@ -190,7 +199,7 @@ def main(args) -> int:
     nums = make_figures(loaded, shards, args.out, split=split, num_images=args.num_images,
                         t_batch=resolve(args.t_batch, r, "eval.nll_t_batch"), seed=seed, precision=precision,
                         n_progressive=args.rows, lambdas=lambdas, interp_t=args.interp_t, which=which,
-                        device=args.device or acc.device)
+                        device=args.device or acc.device, more=args)
     proto = {"split": split, "shards": str(shards), "num_images_fig5": args.num_images, "seed": seed,
              "precision": precision, "interp_t_0based": args.interp_t, "figures": list(which)}
     write_result(args.out, "figures", nums, proto,

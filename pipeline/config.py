@@ -67,7 +67,9 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     mean_type: Literal["eps", "x0", "mu"] = "eps"
-    var_type: Literal["fixed_small", "fixed_large"] = "fixed_large"
+    # learned: the original's learned diagonal Sigma (Table 2); needs loss_type vlb and a
+    # model with 2 x in_channels outputs (model.out_channels: 6).
+    var_type: Literal["fixed_small", "fixed_large", "learned"] = "fixed_large"
     loss_type: Literal["simple", "vlb", "mu_mse"] = "simple"
 
 
@@ -75,7 +77,7 @@ class DiffusionConfig:
 class DataConfig:
     # A shard directory holding manifest.json, or the manifest file itself.
     shards: str = ""
-    random_flip: bool = True  # the paper flips every data set but LSUN cat
+    random_flip: bool = True  # the paper's text (App. B) flips every data set but LSUN Bedroom
     num_workers: int = 2
     max_corrupt: int = 10  # corrupt samples tolerated before the loader stops
 
@@ -108,6 +110,10 @@ class TrainConfig:
     compile: bool | Literal["auto"] = "auto"  # torch.compile of the U-Net (training and sample grids)
     fused_adam: bool | Literal["auto"] = "auto"  # one fused Adam kernel for all tensors
     tf32: bool | Literal["auto"] = "auto"  # TF32 tensor cores for the float32 matmuls and convolutions
+    # global: clip the averaged gradient; replica: the original's clipping of each TPU core's
+    # gradient before averaging, with clip_replicas virtual cores (pipeline/clipping.py).
+    clip_scope: Literal["global", "replica"] = "global"
+    clip_replicas: int = 8  # the original's 8 cores: per-core batch 16 on CIFAR-10, 8 at 256x256
 
 
 @dataclass
@@ -363,6 +369,7 @@ def _check_values(r: Recipe, source: str) -> None:
     need(r.diffusion.timesteps > 0, "diffusion.timesteps", "must be positive")
     need(0 < r.diffusion.beta_start < r.diffusion.beta_end < 1, "diffusion.beta_end",
          "need 0 < beta_start < beta_end < 1")
+    _check_learned_variance(r, need)
     t = r.train
     need(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
     need(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
@@ -371,10 +378,28 @@ def _check_values(r: Recipe, source: str) -> None:
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(t.clip_replicas > 0 and (t.clip_scope == "global" or t.global_batch_size % t.clip_replicas == 0),
+         "train.clip_replicas", f"must be positive and divide global_batch_size {t.global_batch_size}")
     need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
     need(r.eval.fid_reference_count is None or r.eval.fid_reference_count >= 2, "eval.fid_reference_count",
          "must be at least 2 (a covariance needs two images)")
     need(t.snapshot_every >= 0, "train.snapshot_every", "must be 0 (off) or positive")
+
+
+def _check_learned_variance(r: Recipe, need) -> None:
+    """A learned Sigma is trained by the bound only, and its network outputs mean and log-variance."""
+    d = r.diffusion
+    if d.var_type == "learned":
+        need(d.loss_type == "vlb", "diffusion.loss_type",
+             f"var_type 'learned' is trained with the bound L: set loss_type: vlb (got '{d.loss_type}')")
+    if r.model.preset not in PRESETS and r.model.resolution is None:
+        return  # reported above
+    k = r.model.unet_kwargs()
+    c_in, c_out = k.get("in_channels", 3), k.get("out_channels", 3)
+    want = 2 * c_in if d.var_type == "learned" else c_in
+    need(c_out == want, "model.out_channels",
+         f"var_type '{d.var_type}' needs {want} output channels for {c_in} input channels, got {c_out}"
+         + (" (set model.out_channels: 6 for a learned Sigma on RGB)" if d.var_type == "learned" else ""))
 
 
 def _plain(obj: Any) -> Any:

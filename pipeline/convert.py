@@ -8,6 +8,12 @@ resolutions with attention. The paper's forward process is a `DDPMScheduler` wit
 schedule; `ddpm_scheduler_config` and `diffusion_settings_from_diffusers` map our `diffusion`
 section to its config and back. diffusers is not imported here: this is pure key/config mapping,
 and a layout we cannot represent is a ValueError naming the key.
+
+A learned Sigma (the original's `learned` variance type, Table 2) is a `UNet2DModel` with
+2C output channels and `variance_type="learned"`. Beware one difference: the original's (and
+our) second half of the output is log sigma^2, while diffusers' `DDPMScheduler.step` reads
+the second half as sigma^2 itself under "learned"; exponentiate it before `step`
+(`torch.cat([eps, logvar.exp()], 1)`), as tests/test_learned_variance.py checks.
 """
 
 from __future__ import annotations
@@ -195,14 +201,26 @@ def diffusion_settings_from_diffusers(unet_config: dict, scheduler: dict | None)
     if scheduler.get("trained_betas") is not None or scheduler.get("beta_schedule", "linear") != "linear":
         raise ValueError(f"beta_schedule {scheduler.get('beta_schedule')!r} is not the paper's linear schedule")
     var = scheduler.get("variance_type", "fixed_small")
-    if var not in ("fixed_small", "fixed_large"):
-        raise ValueError(f"variance_type {var!r} is not supported (want fixed_small or fixed_large)")
+    if var not in ("fixed_small", "fixed_large", "learned"):
+        raise ValueError(f"variance_type {var!r} is not supported (want fixed_small, fixed_large or learned)")
+    learned = _learned_settings(unet_config, var)
     pred = {"epsilon": "eps", "sample": "x0"}.get(scheduler.get("prediction_type", "epsilon"))
     if pred is None:
         raise ValueError(f"prediction_type {scheduler.get('prediction_type')!r} is not supported")
     try:
         return {"timesteps": int(scheduler.get("num_train_timesteps", 1000)),
                 "beta_start": float(scheduler.get("beta_start", 1e-4)),
-                "beta_end": float(scheduler.get("beta_end", 0.02)), "mean_type": pred, "var_type": var}
+                "beta_end": float(scheduler.get("beta_end", 0.02)), "mean_type": pred, "var_type": var,
+                **learned}
     except (TypeError, ValueError) as e:
         raise ValueError(f"num_train_timesteps / beta_start / beta_end must be numbers: {e}") from None
+
+
+def _learned_settings(unet_config: dict, var: str) -> dict:
+    """variance_type "learned" needs the 2C-channel U-Net, and such a model is trained on the
+    bound L (the original's only loss for it); a 2C-channel U-Net needs "learned"."""
+    c_in, c_out = unet_config.get("in_channels", 3), unet_config.get("out_channels", 3)
+    if (var == "learned") != (c_out == 2 * c_in):
+        raise ValueError(f"variance_type {var!r} with a U-Net of {c_in} input and {c_out} output channels "
+                         f"(a learned variance has twice as many outputs as inputs)")
+    return {"loss_type": "vlb"} if var == "learned" else {}

@@ -19,7 +19,9 @@ from pipeline import sampling
 from pipeline.rng import STREAM_DIFFUSION, Generator, randn_like_batch, stream_generators
 
 MEAN_TYPES = ("eps", "x0", "mu")
-VAR_TYPES = ("fixed_small", "fixed_large")
+# "learned": the original's learned diagonal Sigma (Table 2): the network outputs 2C channels,
+# the mean parameterisation and log sigma^2 per dimension, trained with the true bound L.
+VAR_TYPES = ("fixed_small", "fixed_large", "learned")
 LOSS_TYPES = ("simple", "vlb", "mu_mse")
 
 
@@ -101,6 +103,10 @@ class GaussianDiffusion:
                                      ("loss_type", loss_type, LOSS_TYPES)):
             if value not in allowed:
                 raise ValueError(f"GaussianDiffusion: {name}={value!r}, expected one of {allowed}")
+        if var_type == "learned" and loss_type != "vlb":
+            # The original asserts this too: only the bound L has a gradient for Sigma.
+            raise ValueError(f"GaussianDiffusion: var_type='learned' needs loss_type='vlb' (the bound L), "
+                             f"got {loss_type!r}")
         self.mean_type, self.var_type, self.loss_type = mean_type, var_type, loss_type
         b = torch.as_tensor(betas, dtype=torch.float64).flatten().cpu()
         if not ((b > 0).all() and (b <= 1).all()):
@@ -180,9 +186,28 @@ class GaussianDiffusion:
             return self._extract("post_var", t, x), self._extract("post_logvar", t, x)
         return self._extract("large_var", t, x), self._extract("large_logvar", t, x)
 
+    def split_output(self, out, x_t):
+        """A 2C-channel output -> (mean part, log sigma^2); a C-channel one -> (out, None).
+
+        A learned-Sigma network's output scored with a fixed variance (eval's var_type override)
+        keeps its mean part and drops the log-variance."""
+        C = x_t.shape[1]
+        if out.shape[1] == 2 * C:
+            return out[:, :C], out[:, C:]
+        if self.var_type == "learned":
+            raise ValueError(f"var_type='learned' needs a model with {2 * C} output channels "
+                             f"(mean and log-variance), got {out.shape[1]}")
+        return out, None
+
     def p_mean_variance_from_output(self, out, x_t, t, clip_denoised: bool = True):
         """p(x_{t-1} | x_t) given the network output for this mean parameterisation."""
-        var, log_var = self.model_variance(t, x_t)
+        out, learned_logvar = self.split_output(out, x_t)
+        if self.var_type == "learned":
+            # The original's `learned` type: the output is log sigma^2 itself (not an
+            # interpolation between beta and beta-tilde as in later work).
+            var, log_var = torch.exp(learned_logvar), learned_logvar
+        else:
+            var, log_var = self.model_variance(t, x_t)
         if self.mean_type == "mu":
             mean = out  # the network predicts mu-tilde itself (Table 2 ablation)
             pred_x0 = self.predict_x0_from_mu(x_t, t, out)

@@ -19,6 +19,7 @@ resume (`checkpoint.restore`), then the loop of `train_step`, `Progress`, sample
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from pipeline import build, checkpoint, fast_path, integrity, resume, snapshots, trackers
 from pipeline.atomic import atomic_path
+from pipeline.clipping import ReplicaClipper, make_clipper, replica_micro_batch
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
 from pipeline.diffusion import GaussianDiffusion, NoiseDraw
@@ -140,7 +142,7 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
     tc = recipe.train
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    micro, accum = batch_layout(tc.global_batch_size, world_env, tc.micro_batch_size)
+    micro, accum = batch_layout(tc.global_batch_size, world_env, replica_micro_batch(tc, world_env))
     acc = make_accelerator(recipe, accum)
     assert acc.num_processes == world_env, f"WORLD_SIZE={world_env} but Accelerate sees {acc.num_processes} processes"
     is_ds = acc.distributed_type == DistributedType.DEEPSPEED
@@ -194,6 +196,7 @@ class Parts:
     diffusion: GaussianDiffusion
     loader: TrainLoader
     fast: fast_path.FastPath = fast_path.FastPath()  # the resolved train.channels_last/compile/...
+    clipper: Optional[ReplicaClipper] = None  # train.clip_scope replica (pipeline/clipping.py)
 
 
 def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
@@ -221,8 +224,10 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
                          seed=tc.seed, random_flip=recipe.data.random_flip,
                          num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt,
                          draw=NoiseDraw(tc.seed, diffusion.num_timesteps), pin_memory=rt.device.type == "cuda")
+    clipper = make_clipper(tc, model, rt.world, rt.is_deepspeed, rt.acc.mixed_precision,
+                           lambda x: rt.acc.reduce(x, reduction="sum"))
     net = rt.acc.unwrap_model(model)
-    return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast)
+    return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast, clipper)
 
 
 def load_fitting(model: torch.nn.Module, weights: dict, src: str) -> None:
@@ -386,7 +391,7 @@ def train_step(rt: Runtime, parts: Parts, state: TrainState, tc: TrainConfig, st
             g = model.get_global_grad_norm()
             gnorm = float(g) if g is not None else float("nan")
         else:
-            gnorm = float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            gnorm = parts.clipper.finish() if parts.clipper else float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if acc.optimizer_step_was_skipped:  # fp16 scaler found inf/nan gradients
@@ -412,6 +417,10 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
         return model(fast_path.to_format(x.to(param_dtype), parts.fast), t)
 
     bad, loss_sum, stop_any = False, 0.0, False
+    sync_off = contextlib.ExitStack()
+    if parts.clipper:  # each replica's gradient stays local until ReplicaClipper.finish sums them
+        parts.clipper.begin()
+        sync_off.enter_context(acc.no_sync(model))
     for k in range(rt.accum):
         # x0 and, drawn by the loader's workers per global stream position (NoiseDraw), t and eps.
         x0, t, noise = (v.to(rt.device, non_blocking=True) for v in next(parts.loader))
@@ -433,6 +442,9 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
             else:
                 loss_sum += mean_loss
                 acc.backward(loss)
+                if parts.clipper:
+                    parts.clipper.take()
+    sync_off.close()
     return bad, loss_sum, stop_any
 
 

@@ -76,3 +76,25 @@ def oracle_bpd(x_star: torch.Tensor, diffusion, exact_cdf: bool = False) -> dict
     l0 = (-torch.log(hi - lo)).mean() / math.log(2)
     return {"prior": float(prior), "L_0": float(l0), "L_1_to_T-1": float(kl_terms.sum()),
             "total": float(prior + l0 + kl_terms.sum()), "T": T}
+
+
+class LearnedVarianceOracle(torch.nn.Module):
+    """A learned-Sigma model (2C output channels): the exact eps of `EpsOracle` and, as its
+    log-variance, the true posterior log beta-tilde_t (eq. 7; at t = 0 the original's clipped
+    value log beta-tilde_1). Its bound is the fixed_small oracle's closed form: every KL term is 0."""
+
+    def __init__(self, diffusion, x_star: torch.Tensor):
+        super().__init__()
+        self.eps = EpsOracle(diffusion, x_star)
+        self.register_buffer("logvar", diffusion.coef("post_logvar").double())
+
+    def forward(self, x_t, t):
+        lv = self.logvar.to(x_t.device)[t].reshape(-1, 1, 1, 1).expand_as(x_t)
+        return torch.cat([self.eps(x_t, t), lv.to(x_t.dtype)], 1)
+
+
+def learned_oracle_factory(src: str) -> Pretrained:
+    """`--model-factory support.oracle:learned_oracle_factory`: as `oracle_factory`, for a recipe
+    with diffusion.var_type learned."""
+    p = oracle_factory(src)
+    return Pretrained(LearnedVarianceOracle(p.diffusion, p.model.x_star[0]), p.diffusion, p.recipe, p.source)

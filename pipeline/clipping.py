@@ -1,0 +1,113 @@
+"""The original's gradient clipping per TPU core, on any number of processes (`train.clip_scope`).
+
+The original trained on 8 TPU cores (per-core batch 16 on CIFAR-10, 8 at 256x256) with
+`tf.tpu.CrossShardOptimizer` (reduction MEAN) around Adam, and clipped in between
+(`diffusion_tf/utils.py: make_optimizer`, called by `tpu_utils.run_training` with
+`grad_clip=grad_clip / num_tpu_replicas()`):
+
+    grads = CrossShardOptimizer.compute_gradients(loss)   # g_k / N: the loss is scaled by 1/N
+    grads = tf.clip_by_global_norm(grads, grad_clip / N)  # on each core, before any sum
+    CrossShardOptimizer.apply_gradients(grads)            # cross_replica_sum, then Adam
+
+so the update direction is  sum_k clip(g_k / N, c / N) = mean_k clip(g_k, c)  over the N
+cores, g_k the gradient of core k's mean loss, clip(v, c) = v * c / max(||v||, c): each core's
+gradient clipped to norm c, then averaged. With one core it is global clipping.
+`clip_scope: global` (the default) clips the averaged gradient instead: clip(mean_k g_k, c).
+
+`clip_scope: replica` reproduces the original with `train.clip_replicas` virtual replicas
+(cores): each replica is one micro-batch of global_batch_size / clip_replicas samples on one
+process, so the result does not depend on how the replicas are spread over processes. All
+micro-steps run without DDP's all-reduce; each micro-step's gradient is clipped as its core's
+was and added to a buffer, and the buffers are summed over processes once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from pipeline.config import RecipeError, TrainConfig
+
+
+def clip_factor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """tf.clip_by_global_norm's factor: c / max(||v||, c) (1 when the norm is under c)."""
+    return max_norm / torch.clamp(norm, min=max_norm)
+
+
+def replica_micro_batch(tc: TrainConfig, world: int) -> Optional[int]:
+    """The per-process micro batch: the recipe's, or in replica scope one replica's samples
+    (global_batch_size / clip_replicas), which needs clip_replicas to be a multiple of `world`."""
+    if tc.clip_scope != "replica":
+        return tc.micro_batch_size
+    size = tc.global_batch_size // tc.clip_replicas
+    if tc.clip_replicas % world:
+        raise RecipeError(f"train.clip_replicas={tc.clip_replicas} is not a multiple of the {world} "
+                          f"processes (each process holds whole replicas)")
+    if tc.micro_batch_size not in (None, size):
+        raise RecipeError(f"train.micro_batch_size={tc.micro_batch_size}: with clip_scope replica a "
+                          f"micro-batch is one replica, global_batch_size / clip_replicas = {size}")
+    return size
+
+
+class ReplicaClipper:
+    """Clip each replica's gradient as the original clipped each core's, then sum (see above).
+
+    `take()` after each micro-step's backward (p.grad holds that replica's gradient divided by
+    the accumulation steps, Accelerate's scaling), `finish()` before the optimizer step."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], max_norm: float, world: int, replicas: int,
+                 reduce_sum=None):
+        self.params = [p for p in params if p.requires_grad]
+        self.max_norm, self.world, self.replicas = float(max_norm), world, replicas
+        self.reduce_sum = reduce_sum  # sums a tensor over processes (Accelerator.reduce)
+        self.buf: Optional[list[torch.Tensor]] = None
+        self.norms: list[torch.Tensor] = []
+
+    def begin(self) -> None:
+        self.buf, self.norms = None, []
+
+    def take(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        # p.grad = g_k / accum; this replica's share of the mean is g_k / N, N = accum * world.
+        grads = [g.float() / self.world for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        norm = norm * self.replicas  # ||g_k||
+        f = clip_factor(norm, self.max_norm)  # clip(g_k, c) / N = f * g_k / N
+        if self.buf is None:
+            self.buf = [g * f for g in grads]
+        else:
+            for b, g in zip(self.buf, grads):
+                b.add_(g * f)
+        self.norms.append(norm)
+        for p in self.params:
+            p.grad = None
+
+    def finish(self) -> float:
+        """Sum the clipped replica gradients over processes into p.grad (= mean_k clip(g_k, c));
+        returns the mean pre-clip norm ||g_k|| over the replicas."""
+        assert self.buf is not None, "ReplicaClipper.finish() before any take()"
+        flat = torch.cat([b.flatten() for b in self.buf])
+        stats = torch.stack([torch.stack(self.norms).sum(), torch.tensor(float(len(self.norms)),
+                                                                          device=flat.device)])
+        if self.world > 1:
+            flat, stats = self.reduce_sum(flat), self.reduce_sum(stats)
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            offset += n
+        self.begin()
+        return float(stats[0] / stats[1])
+
+
+def make_clipper(tc: TrainConfig, model: torch.nn.Module, world: int, deepspeed: bool,
+                 precision: str, reduce_sum) -> Optional[ReplicaClipper]:
+    """The clipper of `clip_scope: replica`, None for global (the trainer's clip_grad_norm_)."""
+    if tc.clip_scope != "replica":
+        return None
+    if deepspeed:
+        raise RecipeError("train.clip_scope=replica: DeepSpeed clips inside its engine; use clip_scope global")
+    if precision == "fp16":
+        raise RecipeError("train.clip_scope=replica: fp16's loss scaling is not supported; use bf16 or no")
+    return ReplicaClipper(model.parameters(), tc.grad_clip, world, tc.clip_replicas, reduce_sum)
