@@ -10,7 +10,7 @@ from accelerate.utils import set_seed
 
 from pipeline import build
 from pipeline import checkpoint as ck
-from pipeline.clipping import ReplicaClipper, clip_factor, replica_micro_batch
+from pipeline.clipping import ReplicaClipper, clip_factor, make_clipper, replica_micro_batch
 from pipeline.config import RecipeError, TrainConfig, load_recipe
 from pipeline.trainer import train
 from support.training import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
@@ -61,6 +61,13 @@ def test_layout_and_refusals():
     with pytest.raises(RecipeError, match="a micro-batch is one replica"):
         replica_micro_batch(TrainConfig(global_batch_size=128, micro_batch_size=8, clip_scope="replica"), 1)
     assert replica_micro_batch(TrainConfig(micro_batch_size=8), 1) == 8  # global scope: the recipe's
+    net = torch.nn.Linear(2, 2)
+    assert make_clipper(TrainConfig(), net, 1, False, "no", None) is None  # global: the trainer clips
+    with pytest.raises(RecipeError, match="DeepSpeed clips inside its engine"):
+        make_clipper(tc, net, 1, True, "no", None)
+    with pytest.raises(RecipeError, match="fp16's loss scaling"):
+        make_clipper(tc, net, 1, False, "fp16", None)
+    assert isinstance(make_clipper(tc, net, 1, False, "bf16", None), ReplicaClipper)
     with pytest.raises(RecipeError, match="train.clip_replicas: must be positive and divide"):
         from pipeline.config import Recipe
 

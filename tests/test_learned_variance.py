@@ -3,6 +3,7 @@ analytic oracle with the true posterior log-variance, sampling and NLL through t
 learned-Sigma checkpoint, the recipe checks, and the round trip through diffusers."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -190,3 +191,21 @@ def test_diffusers_round_trip_and_scheduler_step(tmp_path):
         torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="twice as many outputs"):
         diffusion_settings_from_diffusers(diffusers_config({**ours.config, "out_channels": 3}), sched_cfg)
+
+
+def test_the_bound_is_minimised_by_the_posterior_variance():
+    """With the exact mean, the KL term L_{t-1} in the learned log sigma^2 is
+    0.5 (e^-d - 1 + d) for an offset d from log beta-tilde_t (eq. 7): zero at d = 0, a minimum."""
+    from support.oracle import EpsOracle
+
+    d = GaussianDiffusion(linear_beta_schedule(100), var_type="learned", loss_type="vlb")
+    x0 = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    oracle = EpsOracle(d, x0)
+    t = torch.tensor([30, 30])
+    x_t = d.q_sample(x0, t, torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)))
+    true_lv = d.coef("post_logvar")[t].float().reshape(-1, 1, 1, 1).expand_as(x0)
+    for offset in (-0.2, 0.0, 0.1):
+        out = torch.cat([oracle(x_t, t), true_lv + offset], 1)
+        bpd, _ = d.vb_terms_bpd(out, x0, x_t, t)
+        want = 0.5 * (math.exp(-offset) - 1 + offset) / math.log(2)
+        torch.testing.assert_close(bpd, torch.full_like(bpd, want), rtol=1e-4, atol=1e-6)
