@@ -141,6 +141,8 @@ def test_latest_pointer_never_leads_outside(tmp_path, run, pointer):
     lines = []
     got = ck.latest_intact(run, report=lines.append)
     assert got == run / "checkpoints" / "step-00000004" and ck.latest_checkpoint(run) == got
+    named_a_step = pointer == b"step-99999999\n"  # a plain name, just not there: nothing to report
+    assert len(lines) == (0 if named_a_step else 1) and all("latest: damaged" in ln for ln in lines)
     # A step-* symlink to a folder outside is not a checkpoint either.
     os.symlink(outside / "step-00000009", run / "checkpoints" / "step-00000009")
     assert ck.latest_checkpoint(run) == got and ck.latest_intact(run) == got
