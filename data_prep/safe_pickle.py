@@ -16,6 +16,10 @@ ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+    # Protocol-2 pickles written by Python 3 rebuild bytes with _codecs.encode(str, "latin1"):
+    # it only encodes text, so a re-pickled copy of the batches loads too.
+    ("_codecs", "encode"),
 }
 
 

@@ -56,7 +56,3 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise ManifestError(f"{where}.count: {sp['count']}, but its shards hold {total}")
     return m
 
-
-def manifest_path(shards: str | os.PathLike) -> Path:
-    p = Path(shards)
-    return p / "manifest.json" if p.is_dir() else p

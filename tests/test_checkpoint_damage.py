@@ -22,7 +22,7 @@ from pipeline.integrity import damage
 from pipeline.train import EXIT_OK
 from pipeline.trainer import Hooks, NonFiniteLossError, train
 from pipeline.weights import LoadError
-from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, write_recipe
+from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, run_train, write_recipe
 
 
 def reset_accelerate():
@@ -141,6 +141,8 @@ def test_latest_pointer_never_leads_outside(tmp_path, run, pointer):
     lines = []
     got = ck.latest_intact(run, report=lines.append)
     assert got == run / "checkpoints" / "step-00000004" and ck.latest_checkpoint(run) == got
+    named_a_step = pointer == b"step-99999999\n"  # a plain name, just not there: nothing to report
+    assert len(lines) == (0 if named_a_step else 1) and all("latest: damaged" in ln for ln in lines)
     # A step-* symlink to a folder outside is not a checkpoint either.
     os.symlink(outside / "step-00000009", run / "checkpoints" / "step-00000009")
     assert ck.latest_checkpoint(run) == got and ck.latest_intact(run) == got
@@ -199,3 +201,17 @@ def test_disk_full_while_saving(tmp_path, shards):
     assert sorted(x.name for x in d.iterdir()) == ["latest", "step-00000002"]  # partial removed
     assert damage(d / "step-00000002") is None
     assert json.loads((d / "step-00000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow  # two 2-process training launches over gloo
+def test_two_process_resume_falls_back_together(tmp_path, shards):
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", train={"max_steps": 4})
+    p = run_train(recipe, procs=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = tmp_path / "run" / "checkpoints"
+    _flip(_optimizer_file(d / "step-00000004"))
+    p = run_train(recipe, "train.max_steps=6", procs=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("step-00000004: damaged (") == 1  # one line, from the main process
+    assert f"resumed from {d / 'step-00000002'} at step 2" in p.stdout
+    assert damage(d / "step-00000006") is None and (d / ".damaged-step-00000004").is_dir()
