@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=None,
                        help="only the first N inputs (cifar10: per split), to try things out")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                       help="then upload the finished shards to this Hub data set repo (as `data_prep push`)")
         if kind == "hf":
             add_hf_arguments(p)
     add_push_parser(sub)
@@ -97,6 +99,8 @@ def run(argv: list[str]) -> int:
     sp = m["splits"]
     print(f"{args.out}: train {sp['train']['count']} ({len(sp['train']['shards'])} shards), "
           f"test {sp['test']['count']} ({len(sp['test']['shards'])} shards), skipped {len(m['skipped'])}")
+    if args.push_to_hub:
+        return run_push(argparse.Namespace(src=args.out, repo_id=args.push_to_hub, revision=None, private=False))
     return 0
 
 

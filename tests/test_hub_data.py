@@ -17,7 +17,7 @@ import torch
 from data_prep.hub import push_shards
 from pipeline.data import ShardSet, TrainLoader, decode_hwc
 from pipeline.remote_shards import RemoteShardsError, is_remote
-from support.datasets import make_image_folder
+from support.datasets import make_cifar10_batches, make_image_folder
 from support.hub import ROOT, hub_env
 from support.train_with_hooks import pixel_digest
 from support.training import HOOKS_SCRIPT, make_tiny_shards, train_cmd, write_recipe
@@ -129,6 +129,12 @@ def test_push_cli_and_errors(hub, tmp_path):
     r = _prep(["push", str(shards), "--repo-id", "alice/cli-shards"], env)
     assert r.returncode == 0, r.stderr
     assert "data.shards=alice/cli-shards" in r.stdout
+    batches = make_cifar10_batches(tmp_path / "cifar", n_train=5, n_test=2)
+    r = _prep(["cifar10", "--batches", str(batches), "--out", str(tmp_path / "c"), "--no-progress",
+               "--push-to-hub", "alice/cifar-shards"], env)
+    assert r.returncode == 0, r.stderr
+    files = hub.state.repos[("dataset", "alice/cifar-shards")].resolve("main").files
+    assert {"manifest.json", "checksums.json", "train-000000.tar", "test-000000.tar"} <= set(files)
     r = _prep(["push", str(tmp_path), "--repo-id", "alice/x"], env)
     assert r.returncode == 2 and "no manifest.json" in r.stderr and "Traceback" not in r.stderr
 
