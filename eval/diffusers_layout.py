@@ -40,6 +40,11 @@ def model_index() -> dict:
 def stage_diffusers_pipeline(recipe, state: dict, out: Path) -> dict[str, Path]:
     """Write the pipeline's files for `recipe` and our U-Net `state` under `out`; returns
     {path in the repo: local file}. ValueError when the recipe cannot be expressed in diffusers."""
+    if recipe.diffusion.var_type == "learned":
+        # DDPMScheduler.step reads the second half of a "learned" output as sigma^2; ours (and the
+        # original's) is log sigma^2, so DDPMPipeline would sample wrongly (NaN for negative values).
+        raise ValueError("diffusion.var_type=learned: diffusers' DDPMPipeline reads the learned half as "
+                         "sigma^2, this model outputs log sigma^2; push or export it with --format native")
     version = _diffusers_version()
     scheduler = {**convert.ddpm_scheduler_config(recipe.diffusion), "_diffusers_version": version}
     unet = {"_class_name": "UNet2DModel", "_diffusers_version": version,

@@ -209,3 +209,11 @@ def test_the_bound_is_minimised_by_the_posterior_variance():
         bpd, _ = d.vb_terms_bpd(out, x0, x_t, t)
         want = 0.5 * (math.exp(-offset) - 1 + offset) / math.log(2)
         torch.testing.assert_close(bpd, torch.full_like(bpd, want), rtol=1e-4, atol=1e-6)
+
+
+def test_diffusers_pipeline_export_is_refused(tmp_path):
+    """DDPMPipeline would treat log sigma^2 as sigma^2: the pipeline layout refuses a learned Sigma."""
+    from eval.diffusers_layout import stage_diffusers_pipeline
+    with pytest.raises(ValueError, match="log sigma\\^2.*--format native"):
+        stage_diffusers_pipeline(learned_recipe(), {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
