@@ -44,7 +44,7 @@ def stage_diffusers_pipeline(recipe, state: dict, out: Path) -> dict[str, Path]:
         # DDPMScheduler.step reads the second half of a "learned" output as sigma^2; ours (and the
         # original's) is log sigma^2, so DDPMPipeline would sample wrongly (NaN for negative values).
         raise ValueError("diffusion.var_type=learned: diffusers' DDPMPipeline reads the learned half as "
-                         "sigma^2, this model outputs log sigma^2; push or export it with --format native")
+                         "sigma^2 and this model outputs log sigma^2")
     version = _diffusers_version()
     scheduler = {**convert.ddpm_scheduler_config(recipe.diffusion), "_diffusers_version": version}
     unet = {"_class_name": "UNet2DModel", "_diffusers_version": version,
