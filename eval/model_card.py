@@ -80,10 +80,12 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
                                 metric_type=mtype, metric_value=value, metric_name=mname,
                                 metric_args=_protocol_args(protocol)))
     data = ModelCardData(
-        library_name="diffusers" if format == "diffusers" else "ddpm-pipeline",
+        # The Hub knows "diffusers" (widgets, code snippets); it does not know our own layout's
+        # loader, so that card names no library and says what it is in the tags.
+        library_name="diffusers" if format == "diffusers" else None,
         pipeline_tag=TASK,
         tags=["ddpm", "diffusion", "unconditional-image-generation", "pytorch", "safetensors"]
-        + (["diffusers:DDPMPipeline"] if format == "diffusers" else []),
+        + (["diffusers:DDPMPipeline"] if format == "diffusers" else ["ddpm-pipeline"]),
         datasets=[ds_id],
         model_name=repo_id,
         eval_results=evals or None,

@@ -38,7 +38,7 @@ def test_push_roundtrip_one_commit_card_and_tensors(hub, tmp_path, monkeypatch):
     a, b = load_state_dict(folder / "ema.safetensors"), load_state_dict(ckpt / "ema.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     card = ModelCard.load(folder / "README.md")
-    assert card.data.library_name == "ddpm-pipeline" and card.data.datasets == ["cifar10"]
+    assert card.data.library_name is None and "ddpm-pipeline" in card.data.tags and card.data.datasets == ["cifar10"]
     got = {(r.metric_type, r.metric_value) for r in card.data.eval_results}
     assert got == {("fid", 123.4), ("bits_per_dim", 7.5)}
     assert "reference: train split, 50k" in card.text and "accelerate launch pipeline/train.py x.yaml" in card.text
@@ -141,7 +141,7 @@ def test_invalid_card_metadata_is_rejected_before_any_upload(hub, tmp_path, monk
     run = make_run(tmp_path / "run")
     real = eval.hub_push.render_model_card
     monkeypatch.setattr(eval.hub_push, "render_model_card", lambda *a, **k: real(*a, **k).replace(
-        "library_name: ddpm-pipeline", "library_name: [1, 2]", 1))
+        "pipeline_tag: unconditional-image-generation", "library_name: [1, 2]", 1))
     with pytest.raises(PushError, match="library_name"):
         push_to_hub(run, "alice/card")
     assert not hub.state.lfs and len(hub.commits("alice/card")) == 1
