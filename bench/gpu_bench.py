@@ -17,8 +17,8 @@ keeps what it measured; a part that fails is recorded with its error and the res
   ema        the EMA update of the lsun256 weights: fused foreach lerp vs a per-tensor loop
   loader     TrainLoader img/s at 256x256 with t/eps drawn by its workers, and the host's
              per-step input time before/after moving that draw (bench/train_rng.py)
-  compile    torch.compile (Inductor): ours vs diffusers, lsun256 then cifar10, compile time
-             reported; each started only while the time budget leaves room for it
+  compile    torch.compile (Inductor): ours vs diffusers, lsun256 then cifar10, then 256x256
+             sampling; compile time reported; each started only while the time budget leaves room
 
     bench/gpu.sh OUT_DIR                 # on a CUDA machine, < 8 minutes on one H200
     bench/gpu.sh --cpu-smoke OUT_DIR     # every part on tiny sizes on CPU, < 1 minute
@@ -228,26 +228,30 @@ def part_train(run: Run) -> dict:
     return {"rows": rows}
 
 
-def part_sampling(run: Run) -> dict:
+def part_sampling(run: Run, compiled: bool = False) -> dict:
     from pipeline import sampling
     from pipeline.rng import eval_generators
 
     cfg, batch, steps = (TINY, 2, 3) if run.smoke else (PRESETS["lsun256"], 64, 200)
     net = UNet(**cfg).to(run.device)
     diffusion = GaussianDiffusion(linear_beta_schedule(1000))
-    model = fast_path.sampling_model(net, FastPath(channels_last=True), torch.bfloat16)
+    fp = FastPath(channels_last=True, compile=compiled)
+    model = fast_path.sampling_model(net, fp, torch.bfloat16, backend=run.compile_backend)
     r = cfg["resolution"]
     gens = eval_generators(0, range(batch), run.device)  # one noise stream per sample, as eval draws
     x = torch.randn(batch, 3, r, r, device=run.device)
-    sampling.sample_from(diffusion, model, x, 4, gens)  # warm-up: 5 steps
+    t0 = time.perf_counter()
+    sampling.sample_from(diffusion, model, x, 4, gens)  # warm-up (and compilation): 5 steps
     run.sync()
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     sampling.sample_from(diffusion, model, x, steps - 1, gens)
     run.sync()
     per_step = (time.perf_counter() - t0) / steps
+    how = "torch.compile" if compiled else "eager"
     return {"preset": "lsun256" if not run.smoke else "tiny", "resolution": r, "batch": batch, "steps_timed": steps,
-            "step_ms": per_step * 1e3, "img_per_s_T1000": batch / (per_step * 1000),
-            "note": f"{steps} ancestral steps timed (bf16 autocast, channels_last, eager), extrapolated to T = 1000"}
+            "step_ms": per_step * 1e3, "img_per_s_T1000": batch / (per_step * 1000), "warmup_s": first,
+            "note": f"{steps} ancestral steps timed (bf16 autocast, channels_last, {how}), extrapolated to T = 1000"}
 
 
 def part_inception(run: Run) -> dict:
@@ -356,7 +360,12 @@ def part_compile(run: Run) -> dict:
             del model
             if run.device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {"rows": rows, "backend": run.compile_backend}
+    out = {"rows": rows, "backend": run.compile_backend}
+    if run.left() > need / 2:  # Algorithm 2 with the compiled U-Net (compile time in warmup_s)
+        out["sampling"] = part_sampling(run, compiled=True)
+    else:
+        out["sampling"] = {"skipped": f"time budget ({run.left():.0f} s left)"}
+    return out
 
 
 PARTS = [("env", part_env), ("tests", part_tests), ("flops", part_flops), ("train", part_train),
@@ -402,6 +411,8 @@ def markdown(results: dict) -> str:
                              f"{_fmt(r['step_ms'])} | {_fmt(r.get('peak_mem_gib'))} | {_fmt(r.get('tflops'))} | {mfu} | "
                              f"{_fmt(r.get('compile_s', r.get('first_step_s')))} |")
             lines.append(_ratios(part["rows"]))
+            if "sampling" in part:
+                lines += ["Sampling with the compiled U-Net:", "```json", json.dumps(part["sampling"], indent=1), "```"]
         else:
             lines += ["```json", json.dumps({k: v for k, v in part.items() if k != "seconds"}, indent=1), "```"]
         lines += [f"({part.get('seconds', 0):.0f} s)", ""]

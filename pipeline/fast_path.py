@@ -121,11 +121,11 @@ def autocast_forward(model: Callable, dtype: Optional[torch.dtype], device_type:
     return forward
 
 
-def sampling_model(net: nn.Module, fp: FastPath, dtype: Optional[torch.dtype] = None) -> Callable:
+def sampling_model(net: nn.Module, fp: FastPath, dtype: Optional[torch.dtype] = None, **compile_kwargs) -> Callable:
     """A model(x_t, t) for the samplers of pipeline/sampling.py: the layout, torch.compile and
     bf16 autocast as chosen. The sampler's own arithmetic (eqs. 11-12) stays float32."""
     net = prepare_module(net.eval(), fp)
-    compiled = compile_module(net, fp)
+    compiled = compile_module(net, fp, **compile_kwargs)
     device_type = next(net.parameters()).device.type
     inner = autocast_forward(compiled, dtype, device_type)
     return lambda x, t: inner(to_format(x, fp), t)

@@ -215,9 +215,11 @@ def test_trainer_fast_path_on_cpu_follows_the_plain_run(tmp_path, capsys):
 @pytest.mark.cuda
 def test_cuda_fast_path_step_matches_plain_float32(tiny_unet):
     """The whole CUDA fast path (channels_last, compile, fused Adam, TF32, bf16 autocast) against
-    float32 eager on the same GPU: the loss within 3%, the update in the same direction."""
+    strict float32 eager on the same GPU: the loss within 3%, the gradients within 10% (relative
+    norm of the difference) and pointing the same way (cosine > 0.99)."""
     net = _redrawn(tiny_unet).train().cuda()
     x0, t, noise = (v.cuda() for v in _batch(4, b=8))
+    fast_path.apply_tf32(FastPath())
     ref = _step(copy.deepcopy(net), FastPath(), x0, t, noise)
     fp = FastPath(True, True, True, True)
     fast_path.apply_tf32(fp)
@@ -227,51 +229,27 @@ def test_cuda_fast_path_step_matches_plain_float32(tiny_unet):
     finally:
         fast_path.apply_tf32(FastPath())
     assert abs(got[0].item() - ref[0].item()) < 0.03 * ref[0].item()
-    start = {n: p.detach() for n, p in net.named_parameters()}
-    cos = F.cosine_similarity(torch.cat([(got[2][k] - start[k]).flatten() for k in start]),
-                              torch.cat([(ref[2][k] - start[k]).flatten() for k in start]), dim=0)
-    assert cos > 0.95, cos.item()
+    assert _rel(got[1], ref[1]) < 0.1
+    cos = F.cosine_similarity(torch.cat([got[1][k].flatten().float() for k in ref[1]]),
+                              torch.cat([ref[1][k].flatten() for k in ref[1]]), dim=0)
+    assert cos > 0.99, cos.item()
 
 
 @pytest.mark.cuda
 def test_cuda_sdpa_attention_matches_explicit_in_bf16():
+    """SDPA's CUDA kernels under bf16 autocast vs the attention written out in float32: the
+    attention branch within 2% (relative norm)."""
     torch.manual_seed(0)
     block = AttnBlock(256).cuda()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.05)
     x = torch.randn(4, 256, 16, 16, device="cuda")
-    h = block.norm(x).flatten(2).transpose(1, 2)
-    q, k, v = block.qkv(h).chunk(3, dim=-1)
-    want = x + block.proj_out(torch.softmax(q @ k.transpose(1, 2) / 16.0, dim=-1) @ v).transpose(1, 2).reshape(x.shape)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = block(x)
-    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
-
-
-@pytest.mark.slow
-def test_trainer_with_compile_on_cpu_follows_the_plain_run(tmp_path, capsys):
-    """train.compile: true through Accelerate on CPU (Inductor): the run finishes, reports its
-    compile time once, and its weights land within 1% of the eager run's (relative update)."""
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import set_seed
-
-    from pipeline import build
-    from pipeline import checkpoint as ck
-    from pipeline.config import load_recipe
-    from pipeline.trainer import train
-    from support.training import make_tiny_shards, weights, write_recipe
-
-    shards = make_tiny_shards(tmp_path / "shards")
-    runs = {}
-    for name, extra in (("eager", {}), ("compiled", {"compile": True})):
-        recipe = load_recipe(write_recipe(tmp_path / f"{name}.yaml", shards, tmp_path / name, model={"dropout": 0.0},
-                                          train={"max_steps": 2, "checkpoint_every": 2, **extra}))
-        try:
-            assert train(recipe) == 0
-        finally:
-            AcceleratorState._reset_state(True)
-            GradientState._reset_state()
-        runs[name] = weights(ck.latest_checkpoint(tmp_path / name))
-    assert capsys.readouterr().out.count("torch.compile: the first training step took") == 1
-    set_seed(recipe.train.seed)
-    init = build.unet(recipe.model).state_dict()
-    assert set(runs["compiled"]) == set(init)  # plain keys: no torch.compile prefix in checkpoints
-    assert _rel(runs["compiled"], runs["eager"], init) < 1e-2
+    with torch.no_grad():
+        h = block.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = block.qkv(h).chunk(3, dim=-1)
+        w = torch.softmax(q @ k.transpose(1, 2) / 16.0, dim=-1)
+        want = x + block.proj_out(w @ v).transpose(1, 2).reshape(x.shape)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = block(x).float()
+    assert (got - want).norm() < 0.02 * (want - x).norm()

@@ -49,6 +49,7 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     models = {r["model"] for r in p["train"]["rows"]}
     assert models == {"ours", "diffusers"} and all(r["img_per_s"] > 0 and 0 < r["mfu"] for r in p["train"]["rows"])
     assert p["compile"]["rows"][0]["compile_s"] > 0 and p["sampling"]["img_per_s_T1000"] > 0
+    assert p["compile"]["sampling"]["img_per_s_T1000"] > 0 and "torch.compile" in p["compile"]["sampling"]["note"]
     assert p["inception"]["rows"][0]["feature_dim"] == 2048 and p["ema"]["foreach_lerp_ms"] > 0
     assert p["loader"]["rng_before_after"][0]["after_ms"] > 0
     md = (out / "results.md").read_text()
