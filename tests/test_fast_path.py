@@ -59,6 +59,20 @@ def test_resolve_auto_is_plain_on_cpu_and_fast_on_cuda():
     assert fast_path.resolve(forced, "cpu").describe() == "channels_last, fused_adam"
 
 
+def test_tf32_switch_sets_and_clears_both_backends():
+    """TF32 has no effect on CPU; the switch itself is process-wide (matmuls and cuDNN convs)."""
+    try:
+        fast_path.apply_tf32(FastPath(tf32=True))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        fast_path.apply_tf32(FastPath())
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        fast_path.apply_tf32(FastPath())
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+
+
 def test_sdpa_attention_matches_explicit_attention():
     torch.manual_seed(0)
     block = AttnBlock(64)
