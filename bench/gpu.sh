@@ -14,9 +14,19 @@ if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
-    site="${TMPDIR:-/tmp}/ddpm-bench-site"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    # Only the wheels this Python can install (.whl/ is made for the GPU machine's CPython 3.12).
+    wheels=$("$PYTHON" -c '
+import glob
+from packaging.tags import sys_tags
+from packaging.utils import parse_wheel_filename
+ok = set(sys_tags())
+print(" ".join(w for w in sorted(glob.glob(".whl/*.whl")) if ok & set(parse_wheel_filename(w.split("/")[-1])[3])))')
+    if [[ -n "$wheels" ]]; then
+        site="${TMPDIR:-/tmp}/ddpm-bench-site"
+        # shellcheck disable=SC2086  # one word per wheel
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" $wheels
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$PYTHON" bench/gpu_bench.py "$@"
