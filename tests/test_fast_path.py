@@ -152,6 +152,12 @@ def test_bf16_autocast_keeps_float32_loss_weights_and_gradients(tiny_unet):
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
     assert loss.item() != ref.item()
     assert abs(loss.item() - ref.item()) < 0.03 * ref.item(), (loss.item(), ref.item())
+    # The trainer puts the whole loss under Accelerate's autocast: eq. 4 and eq. 14 stay float32
+    # there too (autocast lowers matmuls and convolutions, not elementwise arithmetic).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outer = _loss(DIFF, model, x0, t, noise)
+    assert seen["x_t"] == torch.float32 and outer.dtype == torch.float32
+    assert abs(outer.item() - ref.item()) < 0.03 * ref.item()
 
 
 def test_sampling_model_channels_last_bf16_matches_plain(tiny_unet):
