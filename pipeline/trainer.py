@@ -225,7 +225,8 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
                          num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt,
                          draw=NoiseDraw(tc.seed, diffusion.num_timesteps), pin_memory=rt.device.type == "cuda")
     net = rt.acc.unwrap_model(model)
-    return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast)
+    model = fast_path.compile_module(model, fast, fallback=tc.compile == "auto")
+    return Parts(model, net, optimizer, ema, diffusion, loader, fast)
 
 
 def load_init_weights(src: str) -> dict:

@@ -184,6 +184,32 @@ def test_compile_clock_reports_the_first_call_only(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_compile_failure_falls_back_to_eager_only_when_asked(tiny_unet):
+    """A compiler that fails: with fallback (train.compile "auto") the model runs eagerly and gives
+    the eager output; without it (an explicit true) the error reaches the caller."""
+    import torch._dynamo
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    net, (x, t) = _redrawn(tiny_unet), (torch.randn(2, 3, 16, 16), torch.tensor([3, 60]))
+    with torch.no_grad():
+        want = net(x, t)
+    saved = torch._dynamo.config.suppress_errors
+    try:
+        torch._dynamo.reset()
+        strict = fast_path.compile_module(net, FastPath(compile=True), backend=broken_backend)
+        with pytest.raises(Exception, match="no C compiler here"), torch.no_grad():
+            strict(x, t)
+        torch._dynamo.reset()
+        lenient = fast_path.compile_module(net, FastPath(compile=True), fallback=True, backend=broken_backend)
+        with torch.no_grad():
+            torch.testing.assert_close(lenient(x, t), want, rtol=0, atol=0)
+    finally:
+        torch._dynamo.config.suppress_errors = saved
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_compiled_unet_matches_eager_on_cpu(tiny_unet):
     """Inductor on CPU (a C++ compiler): a forward+backward+Adam step, compiled vs eager."""
