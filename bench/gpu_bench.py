@@ -23,6 +23,7 @@ keeps what it measured; a part that fails is recorded with its error and the res
     bench/gpu.sh OUT_DIR                 # on a CUDA machine, < 8 minutes on one H200
     bench/gpu.sh --cpu-smoke OUT_DIR     # every part on tiny sizes on CPU, < 1 minute
     bench/gpu.sh --parts env,flops,compile OUT2   # a second call for what the budget left out
+    bench/gpu.sh --cpu OUT_DIR           # the fast-path options on CPU (cifar10, batch 8, 2 threads)
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ class Run:
 
     def __init__(self, args):
         self.smoke, self.out = args.cpu_smoke, Path(args.out)
-        self.device = torch.device("cpu" if self.smoke else "cuda")
+        self.device = torch.device("cpu" if self.smoke or args.cpu else "cuda")
         self.compile_backend = "eager" if self.smoke else "inductor"  # smoke: dynamo traces, no codegen
         self.budget, self.start = args.budget_s, time.perf_counter()
-        self.results: dict = {"mode": "cpu-smoke" if self.smoke else "cuda", "parts": {}}
-        self.presets = ({"tiny": (TINY, 2)} if self.smoke else
+        mode = "cpu-smoke" if self.smoke else "cpu" if args.cpu else "cuda"
+        self.results: dict = {"mode": mode, "parts": {}}
+        self.presets = ({"tiny": (TINY, 2)} if self.smoke else {"cifar10": (PRESETS["cifar10"], 8)} if args.cpu else
                         {"cifar10": (PRESETS["cifar10"], 128), "lsun256": (PRESETS["lsun256"], 64)})
         self.steps, self.warmup = (1, 1) if self.smoke else (10, 3)
 
@@ -90,7 +92,7 @@ def part_env(run: Run) -> dict:
         info["diffusers"] = diffusers.__version__
     except ImportError:
         info["diffusers"] = None
-    n = 512 if run.smoke else 8192
+    n = 512 if run.smoke else 2048 if run.device.type == "cpu" else 8192
     a = torch.randn(n, n, device=run.device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=run.device, dtype=torch.bfloat16)
     for _ in range(2 if run.smoke else 3):
@@ -432,13 +434,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for results.json and results.md (created)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: proves every part runs")
+    ap.add_argument("--cpu", action="store_true",
+                    help="cifar10 at batch 8 on CPU: the options that apply there (default parts env,flops,train)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="compile parts start only within this budget")
-    ap.add_argument("--parts", default=",".join(n for n, _ in PARTS), help="comma-separated subset")
+    ap.add_argument("--parts", default=None, help="comma-separated subset (default: all)")
     args = ap.parse_args(argv)
-    if not args.cpu_smoke and not torch.cuda.is_available():
+    args.parts = args.parts or ("env,flops,train" if args.cpu else ",".join(n for n, _ in PARTS))
+    if not (args.cpu_smoke or args.cpu) and not torch.cuda.is_available():
         print("bench/gpu.sh: no CUDA device here; use --cpu-smoke to check the script on CPU", file=sys.stderr)
         return 2
-    if args.cpu_smoke:
+    if args.cpu_smoke or args.cpu:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     run = Run(args)
     run.out.mkdir(parents=True, exist_ok=True)
