@@ -107,7 +107,7 @@ class TrainConfig:
     snapshot_every: int = 0
     # The GPU fast path (pipeline/fast_path.py): true, false or "auto" (on for CUDA, off elsewhere).
     channels_last: bool | Literal["auto"] = "auto"  # NHWC weights and activations
-    compile: bool | Literal["auto"] = "auto"  # torch.compile of the U-Net (training and sample grids)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile of the U-Net for training (time printed)
     fused_adam: bool | Literal["auto"] = "auto"  # one fused Adam kernel for all tensors
     tf32: bool | Literal["auto"] = "auto"  # TF32 tensor cores for the float32 matmuls and convolutions
     # global: clip the averaged gradient; replica: the original's clipping of each TPU core's

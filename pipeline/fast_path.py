@@ -82,10 +82,20 @@ def adam_kwargs(fp: FastPath) -> dict:
     return {"fused": True} if fp.fused_adam else {}
 
 
-def compile_module(model: nn.Module, fp: FastPath, **kwargs) -> nn.Module:
+def compile_module(model: nn.Module, fp: FastPath, fallback: bool = False, **kwargs) -> nn.Module:
     """torch.compile (Inductor) when `fp.compile`; compilation happens lazily at the first call
-    (see `CompileClock`). The returned module shares parameters with `model`."""
-    return torch.compile(model, **kwargs) if fp.compile else model
+    (see `CompileClock`). The returned module shares parameters with `model`.
+
+    fallback: a compilation that fails (no C compiler, an unsupported GPU for Triton) warns and
+    runs eager instead of stopping the run; the trainer asks for it when "auto" chose to compile,
+    and an explicit `train.compile: true` fails loudly instead."""
+    if not fp.compile:
+        return model
+    if fallback:
+        from torch import _dynamo  # imported here: only compiling runs need it
+
+        _dynamo.config.suppress_errors = True  # process-wide: failed frames run eagerly
+    return torch.compile(model, **kwargs)
 
 
 class CompileClock:
@@ -121,11 +131,11 @@ def autocast_forward(model: Callable, dtype: Optional[torch.dtype], device_type:
     return forward
 
 
-def sampling_model(net: nn.Module, fp: FastPath, dtype: Optional[torch.dtype] = None) -> Callable:
+def sampling_model(net: nn.Module, fp: FastPath, dtype: Optional[torch.dtype] = None, **compile_kwargs) -> Callable:
     """A model(x_t, t) for the samplers of pipeline/sampling.py: the layout, torch.compile and
     bf16 autocast as chosen. The sampler's own arithmetic (eqs. 11-12) stays float32."""
     net = prepare_module(net.eval(), fp)
-    compiled = compile_module(net, fp)
+    compiled = compile_module(net, fp, **compile_kwargs)
     device_type = next(net.parameters()).device.type
     inner = autocast_forward(compiled, dtype, device_type)
     return lambda x, t: inner(to_format(x, fp), t)

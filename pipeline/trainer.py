@@ -227,7 +227,8 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
     clipper = make_clipper(tc, model, rt.world, rt.is_deepspeed, rt.acc.mixed_precision,
                            lambda x: rt.acc.reduce(x, reduction="sum"))
     net = rt.acc.unwrap_model(model)
-    return Parts(fast_path.compile_module(model, fast), net, optimizer, ema, diffusion, loader, fast, clipper)
+    model = fast_path.compile_module(model, fast, fallback=tc.compile == "auto")
+    return Parts(model, net, optimizer, ema, diffusion, loader, fast, clipper)
 
 
 def load_fitting(model: torch.nn.Module, weights: dict, src: str) -> None:
@@ -547,8 +548,11 @@ def write_sample_grid(recipe: Recipe, ema: EMA, diffusion: GaussianDiffusion, ru
     n = tc.sample_count
     res, ch = model.config["resolution"], model.config["in_channels"]
     gens = stream_generators(tc.seed, STREAM_SAMPLE_GRID, range(n), ema.shadow[0].device)
+    # The run's layout, float32, not compiled: a fresh compile for each grid costs more than it saves.
+    fast = fast_path.resolve(tc, ema.shadow[0].device)
+    sampler = fast_path.sampling_model(model, fast_path.FastPath(channels_last=fast.channels_last))
     with torch.no_grad():
-        x = diffusion.p_sample_loop(model, (n, ch, res, res), generator=gens)
+        x = diffusion.p_sample_loop(sampler, (n, ch, res, res), generator=gens)
     out = run_dir / "samples" / f"step-{step:08d}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:  # keeps the .png suffix: save_image picks the format by it

@@ -59,6 +59,20 @@ def test_resolve_auto_is_plain_on_cpu_and_fast_on_cuda():
     assert fast_path.resolve(forced, "cpu").describe() == "channels_last, fused_adam"
 
 
+def test_tf32_switch_sets_and_clears_both_backends():
+    """TF32 has no effect on CPU; the switch itself is process-wide (matmuls and cuDNN convs)."""
+    try:
+        fast_path.apply_tf32(FastPath(tf32=True))
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"
+        fast_path.apply_tf32(FastPath())
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        fast_path.apply_tf32(FastPath())
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+
+
 def test_sdpa_attention_matches_explicit_attention():
     torch.manual_seed(0)
     block = AttnBlock(64)
@@ -138,6 +152,12 @@ def test_bf16_autocast_keeps_float32_loss_weights_and_gradients(tiny_unet):
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in net.parameters())
     assert loss.item() != ref.item()
     assert abs(loss.item() - ref.item()) < 0.03 * ref.item(), (loss.item(), ref.item())
+    # The trainer puts the whole loss under Accelerate's autocast: eq. 4 and eq. 14 stay float32
+    # there too (autocast lowers matmuls and convolutions, not elementwise arithmetic).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outer = _loss(DIFF, model, x0, t, noise)
+    assert seen["x_t"] == torch.float32 and outer.dtype == torch.float32
+    assert abs(outer.item() - ref.item()) < 0.03 * ref.item()
 
 
 def test_sampling_model_channels_last_bf16_matches_plain(tiny_unet):
@@ -162,6 +182,32 @@ def test_compile_clock_reports_the_first_call_only(capsys):
     with fast_path.CompileClock(FastPath(), "step"):
         pass
     assert capsys.readouterr().out == ""
+
+
+def test_compile_failure_falls_back_to_eager_only_when_asked(tiny_unet):
+    """A compiler that fails: with fallback (train.compile "auto") the model runs eagerly and gives
+    the eager output; without it (an explicit true) the error reaches the caller."""
+    import torch._dynamo
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    net, (x, t) = _redrawn(tiny_unet), (torch.randn(2, 3, 16, 16), torch.tensor([3, 60]))
+    with torch.no_grad():
+        want = net(x, t)
+    saved = torch._dynamo.config.suppress_errors
+    try:
+        torch._dynamo.reset()
+        strict = fast_path.compile_module(net, FastPath(compile=True), backend=broken_backend)
+        with pytest.raises(Exception, match="no C compiler here"), torch.no_grad():
+            strict(x, t)
+        torch._dynamo.reset()
+        lenient = fast_path.compile_module(net, FastPath(compile=True), fallback=True, backend=broken_backend)
+        with torch.no_grad():
+            torch.testing.assert_close(lenient(x, t), want, rtol=0, atol=0)
+    finally:
+        torch._dynamo.config.suppress_errors = saved
+        torch._dynamo.reset()
 
 
 @pytest.mark.slow
@@ -215,9 +261,11 @@ def test_trainer_fast_path_on_cpu_follows_the_plain_run(tmp_path, capsys):
 @pytest.mark.cuda
 def test_cuda_fast_path_step_matches_plain_float32(tiny_unet):
     """The whole CUDA fast path (channels_last, compile, fused Adam, TF32, bf16 autocast) against
-    float32 eager on the same GPU: the loss within 3%, the update in the same direction."""
+    strict float32 eager on the same GPU: the loss within 3%, the gradients within 10% (relative
+    norm of the difference) and pointing the same way (cosine > 0.99)."""
     net = _redrawn(tiny_unet).train().cuda()
     x0, t, noise = (v.cuda() for v in _batch(4, b=8))
+    fast_path.apply_tf32(FastPath())
     ref = _step(copy.deepcopy(net), FastPath(), x0, t, noise)
     fp = FastPath(True, True, True, True)
     fast_path.apply_tf32(fp)
@@ -227,20 +275,27 @@ def test_cuda_fast_path_step_matches_plain_float32(tiny_unet):
     finally:
         fast_path.apply_tf32(FastPath())
     assert abs(got[0].item() - ref[0].item()) < 0.03 * ref[0].item()
-    start = {n: p.detach() for n, p in net.named_parameters()}
-    cos = F.cosine_similarity(torch.cat([(got[2][k] - start[k]).flatten() for k in start]),
-                              torch.cat([(ref[2][k] - start[k]).flatten() for k in start]), dim=0)
-    assert cos > 0.95, cos.item()
+    assert _rel(got[1], ref[1]) < 0.1
+    cos = F.cosine_similarity(torch.cat([got[1][k].flatten().float() for k in ref[1]]),
+                              torch.cat([ref[1][k].flatten() for k in ref[1]]), dim=0)
+    assert cos > 0.99, cos.item()
 
 
 @pytest.mark.cuda
 def test_cuda_sdpa_attention_matches_explicit_in_bf16():
+    """SDPA's CUDA kernels under bf16 autocast vs the attention written out in float32: the
+    attention branch within 2% (relative norm)."""
     torch.manual_seed(0)
     block = AttnBlock(256).cuda()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.05)
     x = torch.randn(4, 256, 16, 16, device="cuda")
-    h = block.norm(x).flatten(2).transpose(1, 2)
-    q, k, v = block.qkv(h).chunk(3, dim=-1)
-    want = x + block.proj_out(torch.softmax(q @ k.transpose(1, 2) / 16.0, dim=-1) @ v).transpose(1, 2).reshape(x.shape)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = block(x)
-    torch.testing.assert_close(got.float(), want, rtol=0, atol=2e-2)
+    with torch.no_grad():
+        h = block.norm(x).flatten(2).transpose(1, 2)
+        q, k, v = block.qkv(h).chunk(3, dim=-1)
+        w = torch.softmax(q @ k.transpose(1, 2) / 16.0, dim=-1)
+        want = x + block.proj_out(w @ v).transpose(1, 2).reshape(x.shape)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = block(x).float()
+    assert (got - want).norm() < 0.02 * (want - x).norm()
