@@ -313,3 +313,20 @@ def test_features_on_the_gpu_match_the_cpu(shards):
     np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-6, atol=1e-9)
     r = split_statistics(str(shards), "train", fe_gpu, batch_size=8, device="cuda", limit=10)
     assert r["n"] == 10 and np.isfinite(r["sigma"]).all()
+
+
+@pytest.mark.slow
+def test_inception_score_from_two_processes_equals_one(tmp_path):
+    """The logits of each process's share are gathered in order: IS's 10 splits see the same images."""
+    weights = tmp_path / "w.pth"
+    _torch_fidelity_style_weights(weights)
+    np.savez(tmp_path / "s.npz", arr_0=_samples(9, n=23, size=16))  # 23: unequal shares
+    two = (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m")
+    got = {}
+    for name, launcher in (("one", (PY, "-m")), ("two", two)):
+        r = run_eval("is", "--samples", tmp_path / "s.npz", "--out", tmp_path / name, "--inception-weights", weights,
+                     "--feature-batch-size", "4", launcher=launcher, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[name] = json.loads((tmp_path / name / "results.json").read_text())["evaluations"]["is"]["metrics"]
+    assert got["two"]["is"] == pytest.approx(got["one"]["is"], rel=1e-6) and got["one"]["is"] > 1.0
+    assert got["two"]["is_std"] == pytest.approx(got["one"]["is_std"], rel=1e-5, abs=1e-9)
