@@ -32,7 +32,8 @@ def fid_run(run: str, out: Path, precision: str, args) -> dict:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                   str(args.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
     cmd = [*launch, "eval", "fid", run, "--out", str(out), "--num-samples", str(args.num_samples),
-           "--precision", precision, "--seed", str(args.seed)]
+           "--precision", precision, "--seed", str(args.seed),
+           "--chunk-size", str(max(1, args.num_samples // (4 * args.processes)))]  # every process gets chunks
     if args.reference_count:
         cmd += ["--reference-count", str(args.reference_count)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
