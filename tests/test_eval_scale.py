@@ -98,9 +98,11 @@ def test_adm_npz_and_png_folder_give_the_same_fid(shards, tmp_path):
 def test_eval_sample_writes_the_adm_npz(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
     out = tmp_path / "o"
-    assert eval_main(["sample", str(ck), "--out", str(out), "--num-samples", "3", "--npz", str(tmp_path / "x.npz")]) == 0
-    with np.load(tmp_path / "x.npz") as z:
-        assert z["arr_0"].shape == (3, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+    assert eval_main(["sample", str(ck), "--out", str(out), "--num-samples", "5", "--chunk-size", "2",
+                      "--npz", str(tmp_path / "x.npz")]) == 0  # streamed chunk by chunk
+    np.testing.assert_array_equal(load_outside(tmp_path / "x.npz"), np.load(tmp_path / "x.npz")["arr_0"])
+    with np.load(tmp_path / "x.npz") as z:  # numpy's own reader
+        assert z["arr_0"].shape == (5, 8, 8, 3) and z["arr_0"].dtype == np.uint8
         from eval.sample import load_samples
         np.testing.assert_array_equal(z["arr_0"], load_samples(out))
 
