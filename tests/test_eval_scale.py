@@ -332,3 +332,14 @@ def test_inception_score_from_two_processes_equals_one(tmp_path):
         got[name] = json.loads((tmp_path / name / "results.json").read_text())["evaluations"]["is"]["metrics"]
     assert got["two"]["is"] == pytest.approx(got["one"]["is"], rel=1e-6) and got["one"]["is"] > 1.0
     assert got["two"]["is_std"] == pytest.approx(got["one"]["is_std"], rel=1e-5, abs=1e-9)
+
+
+def test_sampling_precision_from_the_recipe_and_the_flag(tmp_path):
+    r = tiny_recipe()
+    r.eval.sampling_precision = "bf16"
+    ck = make_checkpoint(tmp_path / "ck", r)
+    for out, extra, want in (("a", [], "bf16"), ("b", ["--precision", "fp32"], "fp32"), ("c", ["--precision", "no"], "fp32")):
+        assert eval_main(["sample", str(ck), "--out", str(tmp_path / out), "--num-samples", "2", *extra]) == 0
+        proto = json.loads((tmp_path / out / "samples.json").read_text())["protocol"]
+        assert proto["precision"] == want
+        assert (want == "bf16") == any("bf16" in c for c in proto["paper_protocol_caveats"])
