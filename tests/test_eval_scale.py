@@ -343,3 +343,27 @@ def test_sampling_precision_from_the_recipe_and_the_flag(tmp_path):
         proto = json.loads((tmp_path / out / "samples.json").read_text())["protocol"]
         assert proto["precision"] == want
         assert (want == "bf16") == any("bf16" in c for c in proto["paper_protocol_caveats"])
+
+
+def test_pickle_payload_in_a_cached_weights_file_is_refused(tmp_path):
+    """The caches are weights files too: our converted fid-helper file (FID) and torch hub's
+    download of torch-fidelity's file (IS, online path)."""
+    from eval.inception import CONVERTED_NAME, fid_helper_file
+
+    marker = tmp_path / "pwned"
+    np.savez(tmp_path / "s.npz", arr_0=_samples())
+    torch_home = tmp_path / "torch"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"evil": _Payload(marker)}, torch_home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
+    (tmp_path / "cache").mkdir()
+    torch.save({"evil": _Payload(marker)}, tmp_path / "cache" / CONVERTED_NAME)
+    env = eval_env(DDPM_CACHE=str(tmp_path / "cache"), TORCH_HOME=str(torch_home))
+    env.pop("DDPM_INCEPTION_WEIGHTS", None)
+    cases = [("is", "weights-inception-2015-12-05-6726825d.pth")]
+    if fid_helper_file() is not None:  # FID offline goes through the converted cache file
+        cases.append(("fid", CONVERTED_NAME))
+    for metric, name in cases:
+        ref = ["--reference", tmp_path / "s.npz"] if metric == "fid" else []
+        r = run_eval(metric, "--samples", tmp_path / "s.npz", "--out", tmp_path / metric, *ref, env=env, timeout=300)
+        assert r.returncode == 2 and name in r.stderr and "unpickling" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not marker.exists()
