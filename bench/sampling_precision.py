@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from eval.sample import load_samples
 
@@ -30,12 +31,15 @@ def fid_run(run: str, out: Path, precision: str, args) -> dict:
     launch = [sys.executable, "-m"]
     if args.processes > 1:
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                  str(args.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m"]
+                  str(args.processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m"]
     cmd = [*launch, "eval", "fid", run, "--out", str(out), "--num-samples", str(args.num_samples),
-           "--precision", precision, "--seed", str(args.seed)]
+           "--precision", precision, "--seed", str(args.seed),
+           "--chunk-size", str(max(1, args.num_samples // (4 * args.processes)))]  # every process gets chunks
     if args.reference_count:
         cmd += ["--reference-count", str(args.reference_count)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"  # processes on CPU over gloo
     subprocess.run(cmd, check=True, cwd=ROOT, env=env)
     return json.loads((out / "results.json").read_text())["evaluations"]["fid"]
 

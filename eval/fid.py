@@ -82,7 +82,7 @@ def reference_statistics(shards: str, extractor, *, extractor_id: str, split: st
 def reference(ref: str, extractor, *, extractor_id: str, split: str, batch_size: int, cache, device,
               limit: int | None) -> tuple[dict, dict]:
     """(statistics, protocol entries) of --reference: a statistics `.npz` or a shard directory."""
-    if str(ref).endswith(".npz") or Path(ref).is_file() and Path(ref).suffix != ".json":
+    if _is_stats(ref):
         stats, proto = load_stats(ref)
         return stats, {"reference": str(ref), "reference_stats_sha256": file_sha256(ref),
                        "reference_split": proto.get("split"), "reference_count": stats["n"],
@@ -283,13 +283,19 @@ def _reference_for(args, recipe) -> tuple[str, int | None]:
     count = args.reference_count
     if count is None and recipe is not None:
         count = recipe.eval.fid_reference_count
-    if Path(shards).is_dir():
-        manifest_path(shards)
+    if _is_stats(shards):
+        if not Path(shards).is_file():
+            raise EvalError(f"--reference {shards}: no such statistics .npz")
+    else:
+        manifest_path(shards)  # a shard directory (or its manifest.json), or a one-line error
         if recipe is not None:
             check_resolution(shards, args.reference_split, recipe)
-    elif not Path(shards).is_file():
-        raise EvalError(f"--reference {shards}: no such shard directory or statistics .npz")
     return shards, count
+
+
+def _is_stats(ref) -> bool:
+    """A statistics .npz rather than a shard directory / manifest."""
+    return str(ref).endswith(".npz") or (Path(ref).is_file() and Path(ref).suffix != ".json")
 
 
 def main(args) -> int:

@@ -27,13 +27,14 @@ import contextlib
 import functools
 import importlib.util
 import os
+import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
 from pipeline.atomic import atomic_path
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 ENV_VAR = "DDPM_INCEPTION_WEIGHTS"
 CONVERTED_NAME = "inception-fid-helper-0.1.3-torch-fidelity.pth"
@@ -158,7 +159,16 @@ def _weights_source(sd: dict | None):
     import torch_fidelity.feature_extractor_inceptionv3 as mod
 
     saved = mod.load_state_dict_from_url
-    mod.load_state_dict_from_url = (lambda *a, **k: sd) if sd is not None else functools.partial(saved, weights_only=True)
+
+    def download_safely(url, *args, **kwargs):
+        try:
+            return saved(url, *args, **{**kwargs, "weights_only": True})
+        except pickle.UnpicklingError as e:  # torch hub's cached download holds more than tensors
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+            raise InceptionWeightsError(f"{cached}: refused as Inception weights: not a plain tensor file that "
+                                        f"loads without unpickling ({one_line(e)[:200]})") from None
+
+    mod.load_state_dict_from_url = (lambda *a, **k: sd) if sd is not None else download_safely
     try:
         yield mod
     finally:

@@ -100,12 +100,23 @@ def _stored_member(path: Path, name: str) -> np.ndarray | None:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def write_adm_npz(path: str | os.PathLike, images: np.ndarray) -> Path:
-    """uint8 [n, H, W, 3] as `arr_0` in an `.npz` (what guided-diffusion's evaluator reads)."""
+def write_adm_npz(path: str | os.PathLike, parts, shape: tuple[int, int, int, int]) -> Path:
+    """Write uint8 images, given as consecutive parts (arrays [k, H, W, 3]) that make up `shape`,
+    as `arr_0` of an `.npz` (what guided-diffusion's evaluator reads), streaming part by part:
+    50,000 samples at 256x256 never sit in memory at once. The file is what np.savez writes."""
     path = Path(path)
-    check_images(images, path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=images)
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+                for part in parts:
+                    check_images(part, path)
+                    if part.shape[1:] != tuple(shape[1:]):
+                        raise EvalError(f"{path}: a part of shape {part.shape} among images {shape}")
+                    f.write(np.ascontiguousarray(part).tobytes())
+                    written += len(part)
+        if written != shape[0]:
+            raise EvalError(f"{path}: {written} images written, {shape[0]} expected")
     return path

@@ -252,6 +252,12 @@ class SampleChunks:
     def __len__(self):
         return self.starts[-1]
 
+    def parts(self):
+        """The chunks' image arrays in index order, one at a time."""
+        for f in self.files:
+            with np.load(f) as z:
+                yield z["images"]
+
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(i)
@@ -346,7 +352,9 @@ def main(args) -> int:
         if args.npz:
             from eval.outside import write_adm_npz
 
-            write_adm_npz(args.npz, load_samples(args.out))
+            chunks = SampleChunks(args.out)
+            first = chunks[0]
+            write_adm_npz(args.npz, chunks.parts(), (len(chunks), *first.shape))
         label = "" if proto["paper_protocol"] else "  [not the paper's protocol: " + "; ".join(
             proto["paper_protocol_caveats"]) + "]"
         print(json.dumps({"out": str(args.out), **{k: proto[k] for k in ("sampler", "steps", "num_samples")}}) + label)

@@ -66,7 +66,7 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
                             "--reference-count", "1000"], env=cpu)
     run(ACCELERATE_2CPU + ["-m", "eval", "nll", run_dir, "--out", ev], env=cpu)
     run([PY, "-m", "eval", "figures", run_dir, "--out", ev / "figures", "--num-images", "8"], env=cpu)
-    run(ACCELERATE_2CPU + ["-m", "eval", "sweep", run_dir, "--out", ev / "sweep", "--num-samples", str(samples),
+    run(ACCELERATE_2CPU + ["-m", "eval", "sweep", run_dir, "--out", ev / "sweep", "--num-samples", str(samples), "--chunk-size", "32",
                             "--reference-count", "1000"], env=cpu)
     sweep = json.loads((ev / "sweep" / "sweep.json").read_text())
     print("FID by training step (EMA snapshots): " + ", ".join(f"{r['step']}: {r['fid']:.1f}" for r in sweep["snapshots"])

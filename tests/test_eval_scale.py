@@ -98,9 +98,11 @@ def test_adm_npz_and_png_folder_give_the_same_fid(shards, tmp_path):
 def test_eval_sample_writes_the_adm_npz(tmp_path):
     ck = make_checkpoint(tmp_path / "ck")
     out = tmp_path / "o"
-    assert eval_main(["sample", str(ck), "--out", str(out), "--num-samples", "3", "--npz", str(tmp_path / "x.npz")]) == 0
-    with np.load(tmp_path / "x.npz") as z:
-        assert z["arr_0"].shape == (3, 8, 8, 3) and z["arr_0"].dtype == np.uint8
+    assert eval_main(["sample", str(ck), "--out", str(out), "--num-samples", "5", "--chunk-size", "2",
+                      "--npz", str(tmp_path / "x.npz")]) == 0  # streamed chunk by chunk
+    np.testing.assert_array_equal(load_outside(tmp_path / "x.npz"), np.load(tmp_path / "x.npz")["arr_0"])
+    with np.load(tmp_path / "x.npz") as z:  # numpy's own reader
+        assert z["arr_0"].shape == (5, 8, 8, 3) and z["arr_0"].dtype == np.uint8
         from eval.sample import load_samples
         np.testing.assert_array_equal(z["arr_0"], load_samples(out))
 
@@ -313,3 +315,55 @@ def test_features_on_the_gpu_match_the_cpu(shards):
     np.testing.assert_allclose(b["sigma"], a["sigma"], rtol=1e-6, atol=1e-9)
     r = split_statistics(str(shards), "train", fe_gpu, batch_size=8, device="cuda", limit=10)
     assert r["n"] == 10 and np.isfinite(r["sigma"]).all()
+
+
+@pytest.mark.slow
+def test_inception_score_from_two_processes_equals_one(tmp_path):
+    """The logits of each process's share are gathered in order: IS's 10 splits see the same images."""
+    weights = tmp_path / "w.pth"
+    _torch_fidelity_style_weights(weights)
+    np.savez(tmp_path / "s.npz", arr_0=_samples(9, n=23, size=16))  # 23: unequal shares
+    two = (PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m")
+    got = {}
+    for name, launcher in (("one", (PY, "-m")), ("two", two)):
+        r = run_eval("is", "--samples", tmp_path / "s.npz", "--out", tmp_path / name, "--inception-weights", weights,
+                     "--feature-batch-size", "4", launcher=launcher, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[name] = json.loads((tmp_path / name / "results.json").read_text())["evaluations"]["is"]["metrics"]
+    assert got["two"]["is"] == pytest.approx(got["one"]["is"], rel=1e-6) and got["one"]["is"] > 1.0
+    assert got["two"]["is_std"] == pytest.approx(got["one"]["is_std"], rel=1e-5, abs=1e-9)
+
+
+def test_sampling_precision_from_the_recipe_and_the_flag(tmp_path):
+    r = tiny_recipe()
+    r.eval.sampling_precision = "bf16"
+    ck = make_checkpoint(tmp_path / "ck", r)
+    for out, extra, want in (("a", [], "bf16"), ("b", ["--precision", "fp32"], "fp32"), ("c", ["--precision", "no"], "fp32")):
+        assert eval_main(["sample", str(ck), "--out", str(tmp_path / out), "--num-samples", "2", *extra]) == 0
+        proto = json.loads((tmp_path / out / "samples.json").read_text())["protocol"]
+        assert proto["precision"] == want
+        assert (want == "bf16") == any("bf16" in c for c in proto["paper_protocol_caveats"])
+
+
+def test_pickle_payload_in_a_cached_weights_file_is_refused(tmp_path):
+    """The caches are weights files too: our converted fid-helper file (FID) and torch hub's
+    download of torch-fidelity's file (IS, online path)."""
+    from eval.inception import CONVERTED_NAME, fid_helper_file
+
+    marker = tmp_path / "pwned"
+    np.savez(tmp_path / "s.npz", arr_0=_samples())
+    torch_home = tmp_path / "torch"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"evil": _Payload(marker)}, torch_home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth")
+    (tmp_path / "cache").mkdir()
+    torch.save({"evil": _Payload(marker)}, tmp_path / "cache" / CONVERTED_NAME)
+    env = eval_env(DDPM_CACHE=str(tmp_path / "cache"), TORCH_HOME=str(torch_home))
+    env.pop("DDPM_INCEPTION_WEIGHTS", None)
+    cases = [("is", "weights-inception-2015-12-05-6726825d.pth")]
+    if fid_helper_file() is not None:  # FID offline goes through the converted cache file
+        cases.append(("fid", CONVERTED_NAME))
+    for metric, name in cases:
+        ref = ["--reference", tmp_path / "s.npz"] if metric == "fid" else []
+        r = run_eval(metric, "--samples", tmp_path / "s.npz", "--out", tmp_path / metric, *ref, env=env, timeout=300)
+        assert r.returncode == 2 and name in r.stderr and "unpickling" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr and not marker.exists()

@@ -85,3 +85,22 @@ def test_sweep_without_snapshots_says_how_to_get_them(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and "snapshot_every" in r.stderr and "Traceback" not in r.stderr
     assert list_snapshots(tmp_path / "run") == []
+
+
+def test_a_snapshot_pushes_to_the_hub_and_loads_back(hub, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+
+    from eval.hub_push import push_to_hub
+    from support.hub import fresh_cache
+
+    run = _run_with_snapshots(tmp_path / "run", "", steps=(100, 200))
+    snap = list_snapshots(run)[0][1]
+    out = push_to_hub(snap, "alice/best-snapshot")
+    assert "ema.safetensors" in out["files"] and "config.yaml" in out["files"]
+    fresh_cache(monkeypatch, tmp_path, "clean-cache")
+    got = load_file(str(Path(snapshot_download("alice/best-snapshot")) / "ema.safetensors"))
+    want = load_file(str(snap))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
