@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eval.common import EvalError, Precision, accelerator, add_model_args, load_model, resolve, to_uint8
+from eval.common import EvalError, accelerator, add_model_args, load_model, resolve, to_uint8
 from eval.results import BEYOND_PAPER, mark_paper_protocol, weights_sha256
-from pipeline import build
+from pipeline import build, fast_path
 from pipeline.atomic import atomic_path, write_json
 from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
@@ -127,10 +128,19 @@ def _check_protocol(out: Path, proto: dict) -> None:
                         "use another --out")
 
 
-def draw(loaded: Pretrained, indices, *, seed: int, sampler: str, steps: int | None, eta: float,
-         precision: str, device) -> np.ndarray:
+def sampling_model(loaded: Pretrained, precision: str, device) -> Callable:
+    """The U-Net as the samplers call it: autocast for bf16/fp16 (eq. 11's arithmetic stays
+    float32), and on CUDA the recipe's layout and torch.compile (`train.channels_last`,
+    `train.compile`; "auto" = on for CUDA). TF32 stays off: an fp32 protocol means fp32 products."""
+    fp = dataclasses.replace(fast_path.resolve(loaded.recipe.train, device), fused_adam=False, tf32=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return fast_path.sampling_model(loaded.model, fp, dtype, fallback=loaded.recipe.train.compile == "auto")
+
+
+def draw(loaded: Pretrained, model: Callable, indices, *, seed: int, sampler: str, steps: int | None,
+         eta: float, device) -> np.ndarray:
     """Samples for the given global indices as uint8 [n, H, W, 3]."""
-    d, model = loaded.diffusion, Precision(loaded.model, precision, device)
+    d = loaded.diffusion
     r = loaded.recipe.model.unet_kwargs()
     shape = (len(indices), r.get("in_channels", 3), r["resolution"], r["resolution"])
     gens = eval_generators(seed, indices, device)
@@ -175,6 +185,7 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
     box = [verified_todo(out, n_chunks, chunk_size, num_samples) if acc.is_main_process else None]
     todo = broadcast_object_list(box)[0]  # the main process checked the chunks; all agree
     mine = todo[acc.process_index :: acc.num_processes]
+    model = sampling_model(loaded, precision, device)
     bar = tqdm(total=sum(_chunk_len(c, chunk_size, num_samples) for c in mine), unit="img",
                desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
     for k, c in enumerate(mine):
@@ -184,8 +195,8 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
         images = []
         for b in range(lo, hi, batch_size):
             idx = list(range(b, min(b + batch_size, hi)))
-            images.append(draw(loaded, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                               precision=precision, device=device))
+            images.append(draw(loaded, model, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
+                               device=device))
             bar.update(len(idx))
         images = np.concatenate(images)
         with atomic_path(chunk_path(out, c)) as tmp:  # a chunk that exists is whole

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from eval.common import load_model
 from eval.sample import SampleChunks, load_samples, run_sampling
@@ -114,3 +115,21 @@ def test_damaged_chunks_are_detected_and_redrawn(ckpt, tmp_path):
     np.testing.assert_array_equal(load_samples(out), good)  # redrawn, the same images as before
     assert (out / "chunks" / "chunk-000000.npz.bad").is_file() and (out / "chunks" / "chunk-000001.npz.bad").is_file()
     assert (out / "chunks" / "chunk-000002.npz").stat().st_mtime_ns == untouched
+
+
+def test_the_recipes_fast_path_samples_like_the_plain_path(ckpt, tmp_path):
+    """train.channels_last (on by "auto" on CUDA) also lays out the sampling U-Net: the same
+    images up to float rounding (uint8 within one level); on CPU "auto" is the plain path."""
+    import dataclasses
+
+    plain = load_model(str(ckpt))
+    fast = load_model(str(ckpt))
+    fast = dataclasses.replace(fast, recipe=dataclasses.replace(
+        fast.recipe, train=dataclasses.replace(fast.recipe.train, channels_last=True)))
+    run_sampling(plain, tmp_path / "plain", num_samples=3, batch_size=3)
+    run_sampling(fast, tmp_path / "nhwc", num_samples=3, batch_size=3)
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in fast.model.parameters() if p.dim() == 4)  # the layout was applied
+    a = load_samples(tmp_path / "plain").astype(int)
+    b = load_samples(tmp_path / "nhwc").astype(int)
+    assert np.abs(a - b).max() <= 1
