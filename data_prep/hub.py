@@ -8,7 +8,6 @@ names the repo in `data.shards` (pipeline/remote_shards.py fetches and verifies 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -16,16 +15,9 @@ from pathlib import Path
 
 from data_prep.sources import PrepError
 from pipeline import atomic
+from pipeline.integrity import file_sha256
 
 CHECKSUMS = "checksums.json"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_files(out: Path) -> tuple[dict, list[str]]:
@@ -72,7 +64,7 @@ def push_shards(src: str | os.PathLike, repo_id: str, *, revision: str | None = 
         raise PrepError(f"cannot reach the Hub at {api.endpoint}: {e}") from None
     branch = revision or "main"
     with tempfile.TemporaryDirectory(prefix="ddpm-shards-push-") as tmp:
-        sums = {n: {"sha256": file_digest(out / n), "bytes": (out / n).stat().st_size} for n in names}
+        sums = {n: {"sha256": file_sha256(out / n), "bytes": (out / n).stat().st_size} for n in names}
         atomic.write_json(Path(tmp) / CHECKSUMS, sums, indent=1)
         atomic.write_text(Path(tmp) / "README.md", _card(repo_id, manifest))
         files = {"manifest.json": out / "manifest.json", CHECKSUMS: Path(tmp) / CHECKSUMS,

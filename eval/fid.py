@@ -38,7 +38,7 @@ from eval.inception import InceptionWeightsError, cache_dir, has_logits, load_st
 from eval.outside import load_outside
 from eval.results import mark_paper_protocol, write_result
 from eval.sample import SampleChunks, add_sampling_args, sample_from_args
-from pipeline.weights import file_sha256
+from pipeline.integrity import file_sha256
 
 # torch_fidelity is imported where it is used: it takes seconds, and `python -m eval --help`
 # (which registers this subcommand) should not wait for it.

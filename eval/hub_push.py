@@ -29,7 +29,8 @@ from pipeline import atomic
 from pipeline.config import RecipeError, load_recipe
 from pipeline.errors import UserError
 from pipeline.hub import REPO_ID, find_checkpoint, our_weights
-from pipeline.weights import LoadError, file_sha256, load_state_dict, weights_sha256
+from pipeline.integrity import file_sha256
+from pipeline.weights import LoadError, load_state_dict, weights_sha256
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from eval.common import EvalError, Precision, accelerator, add_model_args, check
 from eval.results import weights_sha256, write_result
 from pipeline.data import iter_split
 from pipeline.hub import Pretrained
+from pipeline.integrity import file_sha256
 from pipeline.rng import eval_generators
-from pipeline.weights import file_sha256
 
 
 def iter_float(shards: str, split: str, batch_size: int, rank: int = 0, world_size: int = 1,

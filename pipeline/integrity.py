@@ -21,7 +21,8 @@ STATE_FILE = "trainer_state.json"
 REQUIRED = ("model.safetensors", "ema.safetensors", "config.yaml")
 
 
-def sha256_file(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints do not fit in memory twice)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -38,7 +39,7 @@ def digests(folder: str | os.PathLike) -> dict[str, dict]:
             p = Path(dirpath) / name
             rel = p.relative_to(folder).as_posix()
             if rel != STATE_FILE:
-                out[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                out[rel] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
     return dict(sorted(out.items()))
 
 
@@ -75,7 +76,7 @@ def damage(ckpt: str | os.PathLike, missing_ok: bool = False) -> str | None:
         size = p.stat().st_size
         if size != rec.get("bytes"):
             return f"{rel[:100]} has {size} bytes, {rec.get('bytes')} were written (truncated?)"
-        if sha256_file(p) != rec.get("sha256"):
+        if file_sha256(p) != rec.get("sha256"):
             return f"{rel[:100]} does not match its sha256 (corrupt)"
     return None
 

@@ -2,9 +2,9 @@
 
 Weights are read only from safetensors or with torch.load(weights_only=True): a pickle that would
 build anything but tensors is refused. A bad file is a `LoadError` whose one-line message names it.
-Two hashes: `file_sha256` of the file as stored (the model card's checksum), and `weights_sha256`
-of the tensors themselves (what results.json records, so that numbers computed on a run directory
-still match the same weights pulled from the Hub in another format).
+`weights_sha256` names the tensors themselves: what results.json records, so that numbers computed
+on a run directory still match the same weights pulled from the Hub in another format (the file
+as stored is named by `pipeline.integrity.file_sha256`, the model card's checksum).
 """
 
 from __future__ import annotations
@@ -51,15 +51,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise LoadError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
         return obj
     raise LoadError(f"{path}: unknown weight format '{path.suffix}' (want .safetensors, or .bin/.pt)")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (checkpoints do not fit in memory twice)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_sha256(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:

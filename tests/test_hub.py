@@ -17,7 +17,8 @@ from eval.hub_push import push_to_hub
 from pipeline.convert import diffusers_config, diffusion_settings_from_diffusers
 from pipeline.errors import UserError
 from pipeline.hub import load_pretrained
-from pipeline.weights import LoadError, file_sha256, load_state_dict, weights_sha256
+from pipeline.integrity import file_sha256
+from pipeline.weights import LoadError, load_state_dict, weights_sha256
 from support.hub_models import TINY, google_style_unet, make_run, outputs
 
 
