@@ -356,7 +356,7 @@ def _check_values(r: Recipe, source: str) -> None:
         if not ok:
             raise RecipeError(f"{source}: {key}: {what}")
 
-    recipe_checks.check(r, need)  # value ranges (issue 13): pipeline/recipe_checks.py
+    recipe_checks.check(r, need)  # the value ranges: pipeline/recipe_checks.py
     if r.model.preset is not None:
         need(
             r.model.preset in PRESETS,
@@ -366,40 +366,6 @@ def _check_values(r: Recipe, source: str) -> None:
         )
     else:
         need(r.model.resolution is not None, "model.resolution", "set it, or set model.preset")
-    need(r.diffusion.timesteps > 0, "diffusion.timesteps", "must be positive")
-    need(0 < r.diffusion.beta_start < r.diffusion.beta_end < 1, "diffusion.beta_end",
-         "need 0 < beta_start < beta_end < 1")
-    _check_learned_variance(r, need)
-    t = r.train
-    need(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
-    need(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
-    need(t.max_steps > 0, "train.max_steps", "must be positive")
-    need(t.lr > 0, "train.lr", "must be positive")
-    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
-    need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
-    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
-    need(t.clip_replicas > 0 and (t.clip_scope == "global" or t.global_batch_size % t.clip_replicas == 0),
-         "train.clip_replicas", f"must be positive and divide global_batch_size {t.global_batch_size}")
-    need(r.eval.num_samples > 0, "eval.num_samples", "must be positive")
-    need(r.eval.fid_reference_count is None or r.eval.fid_reference_count >= 2, "eval.fid_reference_count",
-         "must be at least 2 (a covariance needs two images)")
-    need(t.snapshot_every >= 0, "train.snapshot_every", "must be 0 (off) or positive")
-
-
-def _check_learned_variance(r: Recipe, need) -> None:
-    """A learned Sigma is trained by the bound only, and its network outputs mean and log-variance."""
-    d = r.diffusion
-    if d.var_type == "learned":
-        need(d.loss_type == "vlb", "diffusion.loss_type",
-             f"var_type 'learned' is trained with the bound L: set loss_type: vlb (got '{d.loss_type}')")
-    if r.model.preset not in PRESETS and r.model.resolution is None:
-        return  # reported above
-    k = r.model.unet_kwargs()
-    c_in, c_out = k.get("in_channels", 3), k.get("out_channels", 3)
-    want = 2 * c_in if d.var_type == "learned" else c_in
-    need(c_out == want, "model.out_channels",
-         f"var_type '{d.var_type}' needs {want} output channels for {c_in} input channels, got {c_out}"
-         + (" (set model.out_channels: 6 for a learned Sigma on RGB)" if d.var_type == "learned" else ""))
 
 
 def _plain(obj: Any) -> Any:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from pipeline.presets import PRESETS
+
 GN_GROUPS = 32  # pipeline.unet.GN_GROUPS (the paper's GroupNorm(32)); unet.py imports torch
 
 
@@ -18,24 +20,44 @@ def check(r, need: Callable[[bool, str, str], None]) -> None:
     """`r` is a pipeline.config.Recipe; `need(ok, key, what)` raises the RecipeError."""
     _floats_finite(r, need)
     _model(r.model, need)
+    need(r.diffusion.timesteps > 0, "diffusion.timesteps", "must be positive")
+    need(0 < r.diffusion.beta_start < r.diffusion.beta_end < 1, "diffusion.beta_end",
+         "need 0 < beta_start < beta_end < 1")
+    _learned_variance(r, need)
     d = r.data
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(d.max_corrupt >= 0, "data.max_corrupt", "must be >= 0")
-    t = r.train
+    _train(r.train, need)
+    e = r.eval
+    need(e.num_samples > 0, "eval.num_samples", "must be positive")
+    for key in ("batch_size", "ddim_steps", "nll_batch_size", "nll_t_batch"):
+        need(getattr(e, key) >= 1, f"eval.{key}", "must be at least 1")
+    if e.sampler == "ddim":
+        need(e.ddim_steps <= r.diffusion.timesteps, "eval.ddim_steps", "must be <= diffusion.timesteps")
+    need(e.fid_reference_count is None or e.fid_reference_count >= 2, "eval.fid_reference_count",
+         "must be at least 2 (a covariance needs two images)")
+
+
+def _train(t, need) -> None:
+    need(t.global_batch_size > 0, "train.global_batch_size", "must be positive")
+    need(t.micro_batch_size is None or t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+    need(t.max_steps > 0, "train.max_steps", "must be positive")
+    need(t.lr > 0, "train.lr", "must be positive")
     need(t.grad_clip > 0, "train.grad_clip", "must be positive (the paper clips at 1.0)")
     need(all(0.0 <= b < 1.0 for b in t.adam_betas), "train.adam_betas", "each must be in [0, 1)")
     need(t.adam_eps > 0, "train.adam_eps", "must be positive")
     need(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1)")
     need(t.log_every >= 1, "train.log_every", "must be at least 1")
     need(t.sample_every >= 0, "train.sample_every", "must be >= 0 (0: no sample grids)")
     need(t.sample_count >= 1, "train.sample_count", "must be at least 1")
+    need(t.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(t.snapshot_every >= 0, "train.snapshot_every", "must be 0 (off) or positive")
     need(t.max_nonfinite >= 1, "train.max_nonfinite", "must be at least 1")
-    e = r.eval
-    for key in ("batch_size", "ddim_steps", "nll_batch_size", "nll_t_batch"):
-        need(getattr(e, key) >= 1, f"eval.{key}", "must be at least 1")
-    if e.sampler == "ddim":
-        need(e.ddim_steps <= r.diffusion.timesteps, "eval.ddim_steps", "must be <= diffusion.timesteps")
+    need(t.clip_replicas > 0 and (t.clip_scope == "global" or t.global_batch_size % t.clip_replicas == 0),
+         "train.clip_replicas", f"must be positive and divide global_batch_size {t.global_batch_size}")
 
 
 def _floats_finite(r, need) -> None:
@@ -49,8 +71,6 @@ def _floats_finite(r, need) -> None:
 def _model(m, need) -> None:
     if m.preset is None and m.resolution is None:
         return  # reported by the caller, with the preset
-    from pipeline.presets import PRESETS
-
     if m.preset is not None and m.preset not in PRESETS:
         return  # reported by the caller, with the closest preset
     k = m.unet_kwargs()
@@ -69,3 +89,19 @@ def _model(m, need) -> None:
              f"{k['resolution']} is not divisible by 2**{len(mult) - 1} (one halving per ch_mult level after the first)")
     if "dropout" in k:
         need(0.0 <= k["dropout"] < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+def _learned_variance(r, need) -> None:
+    """A learned Sigma is trained by the bound only, and its network outputs mean and log-variance."""
+    d = r.diffusion
+    if d.var_type == "learned":
+        need(d.loss_type == "vlb", "diffusion.loss_type",
+             f"var_type 'learned' is trained with the bound L: set loss_type: vlb (got '{d.loss_type}')")
+    if r.model.preset not in PRESETS and r.model.resolution is None:
+        return  # reported above
+    k = r.model.unet_kwargs()
+    c_in, c_out = k.get("in_channels", 3), k.get("out_channels", 3)
+    want = 2 * c_in if d.var_type == "learned" else c_in
+    need(c_out == want, "model.out_channels",
+         f"var_type '{d.var_type}' needs {want} output channels for {c_in} input channels, got {c_out}"
+         + (" (set model.out_channels: 6 for a learned Sigma on RGB)" if d.var_type == "learned" else ""))
