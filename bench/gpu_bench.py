@@ -12,7 +12,7 @@ keeps what it measured; a part that fails is recorded with its error and the res
              on its own; for lsun256 (batch 64) the plain bf16 and the full fast path
   sampling   Algorithm 2 at 256x256 (lsun256): a few hundred steps timed, img/s extrapolated to
              T = 1000 steps (each step costs the same whatever t is)
-  inception  FID feature extraction img/s (torch-fidelity's InceptionV3 through eval.fid.features,
+  inception  FID feature extraction img/s (torch-fidelity's InceptionV3 through eval.features.features,
              untrained weights: the speed does not depend on their values)
   ema        the EMA update of the lsun256 weights: fused foreach lerp vs a per-tensor loop
   loader     TrainLoader img/s at 256x256 with t/eps drawn by its workers, and the host's
@@ -261,7 +261,7 @@ def part_inception(run: Run) -> dict:
     import numpy as np
     import torch_fidelity.feature_extractor_inceptionv3 as mod
 
-    from eval.fid import INCEPTION, features, load_extractor
+    from eval.features import INCEPTION, features, load_extractor
 
     class Skeleton(mod.FeatureExtractorInceptionV3):  # untrained weights, no download
         def load_state_dict(self, *args, **kwargs):

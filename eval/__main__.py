@@ -30,7 +30,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli(args.func, args)
+    code = None
+    try:
+        code = run_cli(args.func, args)
+        return code
+    finally:
+        close_process_group(ok=code == 0)
+
+
+def close_process_group(ok: bool) -> None:
+    """Leave the process group before the interpreter exits: a rank that exits with gloo's threads
+    still up can die in C++ (`terminate called without an active exception`, seen under load).
+    On success every rank first waits for the others; after an error it only leaves."""
+    dist = sys.modules.get("torch.distributed")  # never imported: no group to close (fast --help)
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
