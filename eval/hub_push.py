@@ -86,12 +86,17 @@ def _trainer_state(ckpt: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def _step_of(ckpt: Path, trainer_state: dict) -> int | None:
+def _step_of(weights: Path, trainer_state: dict) -> int | None:
+    """The training step: the checkpoint's trainer state, else the name of its folder
+    (checkpoints/step-N/) or of the file itself (an EMA snapshot, snapshots/step-N.safetensors)."""
     try:
         return int(trainer_state["step"])
     except (ValueError, KeyError, TypeError):
-        m = re.search(r"step-(\d+)", ckpt.name)
-        return int(m.group(1)) if m else None
+        for name in (weights.parent.name, weights.name):
+            m = re.fullmatch(r"step-(\d+)(\.safetensors)?", name)
+            if m:
+                return int(m.group(1))
+        return None
 
 
 def _read_results(path: Path | None) -> dict | None:
@@ -135,7 +140,7 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
     results_data = _read_results(results_path)
     _check_results_match(results_path, results_data, state)
     trainer_state = _trainer_state(weights.parent)
-    step = _step_of(weights.parent, trainer_state)
+    step = _step_of(weights, trainer_state)
     if not samples:
         grid = run_dir / "samples" / f"step-{step:08d}.png" if run_dir and step is not None else None
         samples = [grid] if grid is not None and grid.is_file() else []

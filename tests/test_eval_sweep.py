@@ -101,6 +101,8 @@ def test_a_snapshot_pushes_to_the_hub_and_loads_back(hub, tmp_path, monkeypatch)
     out = push_to_hub(snap, "alice/best-snapshot")
     assert "ema.safetensors" in out["files"] and "config.yaml" in out["files"]
     fresh_cache(monkeypatch, tmp_path, "clean-cache")
+    card = (Path(snapshot_download("alice/best-snapshot")) / "README.md").read_text()
+    assert "after 100 steps." in card  # the step comes from the snapshot's file name
     got = load_file(str(Path(snapshot_download("alice/best-snapshot")) / "ema.safetensors"))
     want = load_file(str(snap))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
