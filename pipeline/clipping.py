@@ -95,7 +95,8 @@ class ReplicaClipper:
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            # in the parameter's own layout (channels_last on CUDA), as autograd leaves a gradient
+            p.grad = torch.empty_like(p).copy_(flat[offset:offset + n].view(p.shape))
             offset += n
         self.begin()
         return float(stats[0] / stats[1])
