@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "constraints.txt"
@@ -66,22 +67,32 @@ def render(pins: dict[str, str], python: str, machine: str) -> str:
     return "\n".join(head + [f"{n}=={v}" for n, v in sorted(pins.items())]) + "\n"
 
 
+def _fail(msg: str) -> NoReturn:
+    print(f"lock: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _resolve(venv_pip: list[str], args: list[str], held: Path, report: Path) -> dict[str, str]:
-    cmd = [*venv_pip, "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+    cmd = [*venv_pip, "install", "--dry-run", "--ignore-installed", "--report", str(report),
            "-c", str(held), "--build-constraint", str(held), *args]
     r = subprocess.run(cmd, text=True, capture_output=True)
     if r.returncode != 0:
-        sys.exit(f"lock: pip could not resolve {' '.join(args)}:\n{r.stderr[-3000:]}\n"
-                 "A pin that no longer fits pyproject.toml's ranges moves with --upgrade NAME.")
+        # pip's account of a conflict ("The conflict is caused by: ...") is on stdout, its verdict on stderr.
+        _, cause, conflict = r.stdout.partition("The conflict is caused by:")
+        errors = "\n".join(ln for ln in r.stderr.splitlines() if ln.startswith("ERROR"))
+        why = f"{cause}\n{conflict.strip()}\n{errors}" if cause else r.stderr[-3000:]
+        _fail(f"pip could not resolve {' '.join(args)}:\n{why}\n"
+              "A pin that no longer fits pyproject.toml's ranges moves with --upgrade NAME.")
     items = json.loads(report.read_text())["install"]
     return {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in items}
 
 
-def lock(upgrade: set[str], upgrade_all: bool) -> dict[str, str]:
-    old = parse(LOCK.read_text()) if LOCK.exists() else {}
+def lock(old: dict[str, str], upgrade: set[str], upgrade_all: bool) -> dict[str, str]:
+    """Resolve pyproject.toml (the test extra, the tools, NO_DEPS) holding the pins of `old`, but for
+    `upgrade` (or none, with `upgrade_all`)."""
     unknown = upgrade - old.keys()
     if unknown:
-        sys.exit(f"lock: --upgrade names packages the lock does not have: {', '.join(sorted(unknown))}")
+        _fail(f"--upgrade names packages the lock does not have: {', '.join(sorted(unknown))}")
     held = {} if upgrade_all else {n: v for n, v in old.items() if n not in upgrade}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--upgrade-all", action="store_true", help="re-resolve everything from scratch")
     args = ap.parse_args(argv)
     old = parse(LOCK.read_text()) if LOCK.exists() else {}
-    pins = lock({canonical(n) for n in args.upgrade}, args.upgrade_all)
+    pins = lock(old, {canonical(n) for n in args.upgrade}, args.upgrade_all)
     python = ".".join(platform.python_version_tuple()[:2])
     LOCK.write_text(render(pins, python, platform.machine()))
     changed = [f"  {n}: {old.get(n, '-')} -> {pins.get(n, '-')}" for n in sorted(old.keys() | pins.keys())
