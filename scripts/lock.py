@@ -98,7 +98,7 @@ def lock(old: dict[str, str], upgrade: set[str], upgrade_all: bool) -> dict[str,
         tmp = Path(tmp)
         subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True)
         pip = [str(tmp / "venv" / "bin" / "python"), "-m", "pip"]
-        (tmp / "held.txt").write_text(render(held, "", ""))
+        (tmp / "held.txt").write_text("".join(f"{n}=={v}\n" for n, v in held.items()))
         # The resolver of the pip version the lock itself pins (the one `make install` runs).
         subprocess.run([*pip, "install", "--quiet", "-c", str(tmp / "held.txt"), "-U", "pip"], check=True)
         pins = _resolve(pip, [f"{ROOT}[test]", *TOOLS], tmp / "held.txt", tmp / "all.json")
