@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from eval.common import EvalError
 from eval.inception import InceptionWeightsError, inception
+from pipeline import fast_path
 from pipeline.atomic import atomic_path
 from pipeline.data import iter_split
 
@@ -55,6 +56,7 @@ def load_extractor(name: str = INCEPTION, weights: str | None = None, layer: str
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         raise EvalError(f"feature extractor '{name}' is not registered with torch-fidelity")
     layer = layer or FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("fid")
+    fast_path.strict_fp32()  # the reference statistics were computed without TF32
     try:
         if name == INCEPTION:
             fe = inception([layer], weights, dtype="float64" if precision == "fp64" else "float32")

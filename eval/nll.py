@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from eval.common import EvalError, Precision, accelerator, add_model_args, check_resolution, load_model, manifest_path, resolve
 from eval.results import weights_sha256, write_result
+from pipeline import fast_path
 from pipeline.data import iter_split
 from pipeline.hub import Pretrained
 from pipeline.integrity import file_sha256
@@ -49,6 +50,7 @@ def run_nll(loaded: Pretrained, shards: str, *, split: str = "test", batch_size:
     """Per-image bound terms over the split, gathered on every process. Returns metrics."""
     acc = acc or accelerator()
     device = torch.device(device) if device else acc.device
+    fast_path.strict_fp32()  # bits/dim in float32, not TF32
     model = Precision(loaded.model.to(device), precision, device)
     d = loaded.diffusion
     rows = []  # per image: total, prior (L_T), L_0, sum L_1..L_{T-1}

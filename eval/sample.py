@@ -131,8 +131,10 @@ def _check_protocol(out: Path, proto: dict) -> None:
 def sampling_model(loaded: Pretrained, precision: str, device) -> Callable:
     """The U-Net as the samplers call it: autocast for bf16/fp16 (eq. 11's arithmetic stays
     float32), and on CUDA the recipe's layout and torch.compile (`train.channels_last`,
-    `train.compile`; "auto" = on for CUDA). TF32 stays off: an fp32 protocol means fp32 products."""
-    fp = dataclasses.replace(fast_path.resolve(loaded.recipe.train, device), fused_adam=False, tf32=False)
+    `train.compile`; "auto" = on for CUDA). TF32 is off: an fp32 protocol means fp32 products."""
+    fast_path.strict_fp32()
+    fp = dataclasses.replace(fast_path.resolve(loaded.recipe.train, device), fused_adam=False, tf32=False,
+                             cudnn_benchmark=False)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return fast_path.sampling_model(loaded.model, fp, dtype, fallback=loaded.recipe.train.compile == "auto")
 

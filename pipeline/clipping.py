@@ -54,56 +54,77 @@ class ReplicaClipper:
     """Clip each replica's gradient as the original clipped each core's, then sum (see above).
 
     `take()` after each micro-step's backward (p.grad holds that replica's gradient divided by
-    the accumulation steps, Accelerate's scaling), `finish()` before the optimizer step."""
+    the accumulation steps, Accelerate's scaling), `finish()` before the optimizer step.
+
+    Cost: a handful of foreach kernels per micro-step (one norm over all tensors, one scale, one
+    add), never a per-tensor loop or a flatten on one process; the first replica's gradient
+    tensors become the buffer. Across processes, `finish()` sums the buffers in buckets of
+    `bucket_mb` with asynchronous all-reduces, so one bucket's transfer overlaps the next one's
+    packing. No host sync: the returned norm stays on the device until someone logs it."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], max_norm: float, world: int, replicas: int,
-                 reduce_sum=None):
+                 bucket_mb: float = 25.0):
         self.params = [p for p in params if p.requires_grad]
         self.max_norm, self.world, self.replicas = float(max_norm), world, replicas
-        self.reduce_sum = reduce_sum  # sums a tensor over processes (Accelerator.reduce)
+        self.bucket_bytes = int(bucket_mb * 2 ** 20)
         self.buf: Optional[list[torch.Tensor]] = None
-        self.norms: list[torch.Tensor] = []
+        self.norm_sum: Optional[torch.Tensor] = None
 
     def begin(self) -> None:
-        self.buf, self.norms = None, []
+        self.buf, self.norm_sum = None, None
 
+    @torch.no_grad()
     def take(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        # p.grad = g_k / accum; this replica's share of the mean is g_k / N, N = accum * world.
-        grads = [g.float() / self.world for g in grads]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        norm = norm * self.replicas  # ||g_k||
-        f = clip_factor(norm, self.max_norm)  # clip(g_k, c) / N = f * g_k / N
+        # p.grad = g_k / accum, so ||g_k|| = ||p.grad|| * accum, accum = replicas / world.
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * (self.replicas / self.world)
+        # This replica's share of the mean, clip(g_k, c) / N = clip_factor * p.grad / world.
+        torch._foreach_mul_(grads, clip_factor(norm, self.max_norm) / self.world)
         if self.buf is None:
-            self.buf = [g * f for g in grads]
+            self.buf = grads  # the first replica's tensors are the buffer: no copy
         else:
-            for b, g in zip(self.buf, grads):
-                b.add_(g * f)
-        self.norms.append(norm)
+            torch._foreach_add_(self.buf, grads)
+        self.norm_sum = norm if self.norm_sum is None else self.norm_sum + norm
         for p in self.params:
-            p.grad = None
+            p.grad = None  # the next backward writes fresh tensors instead of adding into the buffer
 
-    def finish(self) -> float:
+    @torch.no_grad()
+    def finish(self) -> torch.Tensor:
         """Sum the clipped replica gradients over processes into p.grad (= mean_k clip(g_k, c));
-        returns the mean pre-clip norm ||g_k|| over the replicas."""
+        returns the mean pre-clip norm ||g_k|| over the replicas (a 0-dim tensor, not read)."""
         assert self.buf is not None, "ReplicaClipper.finish() before any take()"
-        flat = torch.cat([b.flatten() for b in self.buf])
-        stats = torch.stack([torch.stack(self.norms).sum(), torch.tensor(float(len(self.norms)),
-                                                                          device=flat.device)])
+        norm_sum = self.norm_sum.reshape(1)
         if self.world > 1:
-            flat, stats = self.reduce_sum(flat), self.reduce_sum(stats)
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            # in the parameter's own layout (channels_last on CUDA), as autograd leaves a gradient
-            p.grad = torch.empty_like(p).copy_(flat[offset:offset + n].view(p.shape))
-            offset += n
+            self._all_reduce_sum(self.buf + [norm_sum])
+        for p, b in zip(self.params, self.buf):
+            p.grad = b  # autograd's own tensor, in the parameter's layout (channels_last on CUDA)
         self.begin()
-        return float(stats[0] / stats[1])
+        return norm_sum[0] / self.replicas
+
+    def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:
+        """In-place sum over processes: buckets of ~bucket_bytes, all launched before any wait."""
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        buckets, size = [[]], 0
+        for t in tensors:
+            if size >= self.bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += t.numel() * t.element_size()
+        pending = []
+        for bucket in buckets:
+            flat = _flatten_dense_tensors(bucket)
+            pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
+        for bucket, flat, work in pending:
+            work.wait()
+            for t, summed in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                t.copy_(summed)
 
 
 def make_clipper(tc: TrainConfig, model: torch.nn.Module, world: int, deepspeed: bool,
-                 precision: str, reduce_sum) -> Optional[ReplicaClipper]:
+                 precision: str) -> Optional[ReplicaClipper]:
     """The clipper of `clip_scope: replica`, None for global (the trainer's clip_grad_norm_)."""
     if tc.clip_scope != "replica":
         return None
@@ -111,4 +132,4 @@ def make_clipper(tc: TrainConfig, model: torch.nn.Module, world: int, deepspeed:
         raise RecipeError("train.clip_scope=replica: DeepSpeed clips inside its engine; use clip_scope global")
     if precision == "fp16":
         raise RecipeError("train.clip_scope=replica: fp16's loss scaling is not supported; use bf16 or no")
-    return ReplicaClipper(model.parameters(), tc.grad_clip, world, tc.clip_replicas, reduce_sum)
+    return ReplicaClipper(model.parameters(), tc.grad_clip, world, tc.clip_replicas)

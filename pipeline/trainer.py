@@ -224,8 +224,7 @@ def build_parts(recipe: Recipe, rt: Runtime, init_weights: bool) -> Parts:
                          seed=tc.seed, random_flip=recipe.data.random_flip,
                          num_workers=recipe.data.num_workers, max_corrupt=recipe.data.max_corrupt,
                          draw=NoiseDraw(tc.seed, diffusion.num_timesteps), pin_memory=rt.device.type == "cuda")
-    clipper = make_clipper(tc, model, rt.world, rt.is_deepspeed, rt.acc.mixed_precision,
-                           lambda x: rt.acc.reduce(x, reduction="sum"))
+    clipper = make_clipper(tc, model, rt.world, rt.is_deepspeed, rt.acc.mixed_precision)
     net = rt.acc.unwrap_model(model)
     model = fast_path.compile_module(model, fast, fallback=tc.compile == "auto")
     return Parts(model, net, optimizer, ema, diffusion, loader, fast, clipper)
@@ -359,7 +358,7 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
 class StepResult:
     lr: float
     loss: float  # mean over ranks and micro-batches; 0.0 for a skipped step
-    grad_norm: float  # before clipping; nan for a skipped step
+    grad_norm: torch.Tensor | float  # before clipping, on the device (read when logged); nan for a skipped step
     skipped: bool  # a non-finite loss on some rank: weights, optimizer and EMA unchanged
     stop: bool  # some rank got SIGTERM / SIGUSR1: every rank saves and exits after this step
 
@@ -392,7 +391,7 @@ def train_step(rt: Runtime, parts: Parts, state: TrainState, tc: TrainConfig, st
             g = model.get_global_grad_norm()
             gnorm = float(g) if g is not None else float("nan")
         else:
-            gnorm = parts.clipper.finish() if parts.clipper else float(acc.clip_grad_norm_(model.parameters(), tc.grad_clip))
+            gnorm = parts.clipper.finish() if parts.clipper else acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if acc.optimizer_step_was_skipped:  # fp16 scaler found inf/nan gradients
@@ -409,7 +408,11 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
     """Algorithm 1 for this rank's micro-batches: x0 from the data (line 2), t ~ Uniform and
     eps ~ N(0, I) drawn per sample position (lines 3-4), the gradient of line 5's loss (eq. 14)
     accumulated; `train_step` takes the step.
-    Returns (some rank's loss was non-finite, sum of the rank-mean losses, some rank must stop)."""
+    Returns (some rank's loss was non-finite, sum of the rank-mean losses, some rank must stop).
+
+    The ranks agree once per step, after the last backward (one small all-reduce, the step's one
+    host sync): a non-finite loss has only spoilt gradients that the caller drops. DeepSpeed's
+    engine steps inside the last backward, so there the ranks agree before every backward."""
     acc, model, net, diffusion = rt.acc, parts.model, parts.net, parts.diffusion
     param_dtype = next(net.parameters()).dtype
 
@@ -418,6 +421,7 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
         return model(fast_path.to_format(x.to(param_dtype), parts.fast), t)
 
     bad, loss_sum, stop_any = False, 0.0, False
+    losses = []  # this rank's micro-step losses, on the device until the step's one read
     sync_off = contextlib.ExitStack()
     if parts.clipper:  # each replica's gradient stays local until ReplicaClipper.finish sums them
         parts.clipper.begin()
@@ -433,33 +437,42 @@ def accumulate_gradients(rt: Runtime, parts: Parts, step: int, seed: int, stop: 
                 loss = diffusion.training_loss(forward, x0, t, noise).mean()
             if hooks.loss is not None:
                 loss = hooks.loss(step, loss)
-            mean_loss, stop_any = agree_across_ranks(acc, loss, stop.set)
-            if mean_loss is None:
+            if not rt.is_deepspeed:
+                acc.backward(loss)
+                if parts.clipper:
+                    parts.clipper.take()
+                losses.append(loss.detach())
+                continue
+            mean_loss, bad_here, stop_here = agree_across_ranks(acc, loss.detach().reshape(1), stop.set)
+            stop_any = stop_any or stop_here
+            if bad_here:
                 bad = True
-                if not (rt.is_deepspeed and rt.accum == 1):
-                    # Keep the gradient hooks (DDP buckets, DeepSpeed micro-step count) in
-                    # lock-step with a zero gradient; the step is dropped by the caller.
+                if rt.accum > 1:
+                    # Keep DeepSpeed's micro-step count in lock-step with a zero gradient; the
+                    # step is dropped by the caller.
                     acc.backward(sum(p.sum() for p in model.parameters()) * 0.0)
             else:
                 loss_sum += mean_loss
                 acc.backward(loss)
-                if parts.clipper:
-                    parts.clipper.take()
     sync_off.close()
+    if losses:
+        loss_sum, bad, stop_any = agree_across_ranks(acc, torch.stack(losses), stop.set)
     return bad, loss_sum, stop_any
 
 
-def agree_across_ranks(acc: Accelerator, loss: torch.Tensor, stop_requested: bool) -> tuple[Optional[float], bool]:
-    """One small all-reduce per micro-step: the loss for logging, and agreement on "non-finite"
-    and "stop" so every rank takes the same branch (no deadlock). Returns (the mean loss over
-    ranks, or None when it is non-finite on some rank; whether some rank must stop)."""
-    lv = loss.detach().double()
+def agree_across_ranks(acc: Accelerator, losses: torch.Tensor, stop_requested: bool) -> tuple[float, bool, bool]:
+    """One small all-reduce and one host read: the loss for logging, and agreement on
+    "non-finite" and "stop" so every rank takes the same branch (no deadlock).
+    `losses`: this rank's micro-step losses. Returns (the sum over micro-steps of the mean loss
+    over ranks, 0.0 when non-finite somewhere; some rank's loss was non-finite; some rank must stop)."""
+    lv = losses.double()
     finite = torch.isfinite(lv)
-    flags = torch.stack([torch.where(finite, lv, torch.zeros_like(lv)), (~finite).double(),
-                         torch.tensor(float(stop_requested), dtype=torch.float64, device=lv.device)])
-    flags = acc.reduce(flags, reduction="sum")
-    nonfinite, stop_any = flags[1].item() > 0, flags[2].item() > 0
-    return (None if nonfinite else flags[0].item() / acc.num_processes), stop_any
+    # The stop flag is filled on the device (new_full): a tensor built from a host value would be
+    # a copy that waits for the queue, a second sync.
+    flags = torch.stack([torch.where(finite, lv, torch.zeros_like(lv)).sum(), (~finite).sum().double(),
+                         lv.new_full((), float(stop_requested))])
+    total, nonfinite, stop_any = acc.reduce(flags, reduction="sum").cpu().tolist()
+    return (0.0 if nonfinite else total / acc.num_processes), nonfinite > 0, stop_any > 0
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -508,25 +521,28 @@ class Progress:
             acc.init_trackers(project, config=_flat(recipe.to_dict()), init_kwargs=kwargs)
         self.bar = tqdm(total=self.tc.max_steps, initial=step, desc="train", dynamic_ncols=True)
         self.time, self.position = time.time(), position
-        self.sums = torch.zeros(3, dtype=torch.float64)  # loss sum, grad-norm sum, steps taken
+        self.loss_sum, self.steps = 0.0, 0
+        self.gnorm_sum: torch.Tensor | float = 0.0  # on the device: read only when logged
 
     def update(self, step: int, r: StepResult, position: int, nonfinite_total: int) -> None:
         """After the optimizer step that made the step count `step`."""
-        self.sums += torch.tensor([r.loss, r.grad_norm if math.isfinite(r.grad_norm) else 0.0,
-                                   0.0 if r.skipped else 1.0], dtype=torch.float64)
+        if not r.skipped:
+            self.loss_sum, self.steps = self.loss_sum + r.loss, self.steps + 1
+            g = torch.as_tensor(r.grad_norm).detach().double()
+            self.gnorm_sum = self.gnorm_sum + torch.where(torch.isfinite(g), g, torch.zeros_like(g))
         self.bar.update(0 if r.skipped else 1)
         if r.skipped or (step % self.tc.log_every and step != self.tc.max_steps):
             return
         now = time.time()
-        n = max(self.sums[2].item(), 1.0)
-        logs = {"loss": self.sums[0].item() / n, "grad_norm": self.sums[1].item() / n,
+        n = max(self.steps, 1)
+        logs = {"loss": self.loss_sum / n, "grad_norm": float(self.gnorm_sum) / n,
                 "lr": r.lr, "img_per_s": (position - self.position) / max(now - self.time, 1e-9),
                 "samples_seen": position, "nonfinite_total": nonfinite_total}
         if self.tracking:
             self.acc.log(logs, step=step)
         self.bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{r.lr:.2e}")
         self.time, self.position = now, position
-        self.sums.zero_()
+        self.loss_sum, self.steps, self.gnorm_sum = 0.0, 0, 0.0
 
     def log_image(self, name: str, path: Path, step: int) -> None:
         if self.tracking:

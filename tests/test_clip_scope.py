@@ -62,12 +62,12 @@ def test_layout_and_refusals():
         replica_micro_batch(TrainConfig(global_batch_size=128, micro_batch_size=8, clip_scope="replica"), 1)
     assert replica_micro_batch(TrainConfig(micro_batch_size=8), 1) == 8  # global scope: the recipe's
     net = torch.nn.Linear(2, 2)
-    assert make_clipper(TrainConfig(), net, 1, False, "no", None) is None  # global: the trainer clips
+    assert make_clipper(TrainConfig(), net, 1, False, "no") is None  # global: the trainer clips
     with pytest.raises(RecipeError, match="DeepSpeed clips inside its engine"):
-        make_clipper(tc, net, 1, True, "no", None)
+        make_clipper(tc, net, 1, True, "no")
     with pytest.raises(RecipeError, match="fp16's loss scaling"):
-        make_clipper(tc, net, 1, False, "fp16", None)
-    assert isinstance(make_clipper(tc, net, 1, False, "bf16", None), ReplicaClipper)
+        make_clipper(tc, net, 1, False, "fp16")
+    assert isinstance(make_clipper(tc, net, 1, False, "bf16"), ReplicaClipper)
     with pytest.raises(RecipeError, match="train.clip_replicas: must be positive and divide"):
         from pipeline.config import Recipe
 

@@ -14,6 +14,7 @@ Tolerances (float32 reference, tiny U-Net with its weights re-drawn so every pat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -51,9 +52,13 @@ DIFF = GaussianDiffusion(linear_beta_schedule(100))
 def test_resolve_auto_is_plain_on_cpu_and_fast_on_cuda():
     auto = SimpleNamespace(channels_last="auto", compile="auto", fused_adam="auto", tf32="auto")
     assert fast_path.resolve(auto, "cpu") == FastPath()
-    assert fast_path.resolve(auto, torch.device("cuda", 0)) == FastPath(True, True, True, True)
+    # channels_last stays off under "auto" until a GPU measurement shows it faster; cuDNN's
+    # autotuner is on for CUDA.
+    cuda_auto = FastPath(channels_last=False, compile=True, fused_adam=True, tf32=True, cudnn_benchmark=True)
+    assert fast_path.resolve(auto, torch.device("cuda", 0)) == cuda_auto
+    assert fast_path.resolve(auto, "cuda").channels_last is fast_path.AUTO_ON_CUDA["channels_last"]
     # DeepSpeed wraps the module itself: "auto" does not compile there; an explicit true does.
-    assert fast_path.resolve(auto, "cuda", deepspeed=True) == FastPath(True, False, True, True)
+    assert fast_path.resolve(auto, "cuda", deepspeed=True) == dataclasses.replace(cuda_auto, compile=False)
     forced = SimpleNamespace(channels_last=True, compile=False, fused_adam=True, tf32="auto")
     assert fast_path.resolve(forced, "cpu") == FastPath(channels_last=True, fused_adam=True)
     assert fast_path.resolve(forced, "cpu").describe() == "channels_last, fused_adam"
@@ -184,9 +189,10 @@ def test_compile_clock_reports_the_first_call_only(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_compile_failure_falls_back_to_eager_only_when_asked(tiny_unet):
-    """A compiler that fails: with fallback (train.compile "auto") the model runs eagerly and gives
-    the eager output; without it (an explicit true) the error reaches the caller."""
+def test_compile_failure_falls_back_to_eager_only_when_asked(tiny_unet, capsys):
+    """A compiler that fails: with fallback (train.compile "auto") the model runs eagerly, gives
+    the eager output and says so in one line; without it (an explicit true) the error reaches
+    the caller."""
     import torch._dynamo
 
     def broken_backend(gm, example_inputs):
@@ -202,9 +208,14 @@ def test_compile_failure_falls_back_to_eager_only_when_asked(tiny_unet):
         with pytest.raises(Exception, match="no C compiler here"), torch.no_grad():
             strict(x, t)
         torch._dynamo.reset()
+        fast_path._CompileFailure.said = False
         lenient = fast_path.compile_module(net, FastPath(compile=True), fallback=True, backend=broken_backend)
+        capsys.readouterr()
         with torch.no_grad():
             torch.testing.assert_close(lenient(x, t), want, rtol=0, atol=0)
+            lenient(x, t)
+        said = [ln for ln in capsys.readouterr().out.splitlines() if "torch.compile failed" in ln]
+        assert said == ["torch.compile failed, running eager instead: RuntimeError: no C compiler here"], said
     finally:
         torch._dynamo.config.suppress_errors = saved
         torch._dynamo.reset()
@@ -299,3 +310,30 @@ def test_cuda_sdpa_attention_matches_explicit_in_bf16():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             got = block(x).float()
     assert (got - want).norm() < 0.02 * (want - x).norm()
+
+
+def test_eval_computes_in_float32_not_tf32(tmp_path):
+    """cuDNN allows TF32 by default: eval's sampling, Inception features and bound must turn it
+    off (and the autotuner), whatever a training run in the same process left on."""
+    from eval.features import load_extractor
+    from eval.nll import run_nll
+    from eval.sample import sampling_model
+    from pipeline.hub import load_pretrained
+    from support.features import register_tiny_features
+    from support.model import make_checkpoint, tiny_recipe
+
+    def tf32_flags():
+        return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+
+    loaded = load_pretrained(str(make_checkpoint(tmp_path / "ckpt", tiny_recipe())))
+    on = FastPath(tf32=True, cudnn_benchmark=True)
+    for name, call in (("sampling", lambda: sampling_model(loaded, "fp32", "cpu")),
+                       ("features", lambda: load_extractor(register_tiny_features())),
+                       ("nll", lambda: run_nll(loaded, str(tmp_path / "no-shards"), device="cpu"))):
+        fast_path.apply_tf32(on)
+        assert tf32_flags() == (True, True, True)
+        try:
+            call()
+        except Exception:  # run_nll fails on the missing shards after it set the flags
+            assert name == "nll"
+        assert tf32_flags() == (False, False, False), name
