@@ -1,29 +1,34 @@
-"""The GPU benchmark behind bench/gpu.sh: one run, every figure, JSON + Markdown.
+"""The GPU benchmark behind bench/gpu.sh: one run, every figure, JSON + Markdown, row by row.
 
-Parts, in this order (each one's figures are written as soon as it ends, so a run cut short
-keeps what it measured; a part that fails is recorded with its error and the rest go on):
+Parts, by value (bench/gpu_parts.py), under one overall time budget; each row is written to
+results.json / results.md the moment it is measured, and a part or row the budget cuts is
+recorded as skipped, to be rerun with --parts:
 
-  env        device, torch, CUDA, diffusers; the bf16 matmul rate measured here (8192^3 products),
-             the denominator of MFU
-  tests      the CUDA-marked tests (pytest -m cuda)
+  env        device, torch, CUDA, diffusers; the bf16 matmul rate measured here (the MFU denominator)
   flops      training FLOPs per image (forward + backward), counted by torch's FlopCounterMode
-  train      training img/s, peak memory and MFU, ours vs diffusers' UNet2DModel with identical
-             weights (pipeline/convert.py), eager: for cifar10 (batch 128) every fast-path option
-             on its own; for lsun256 (batch 64) the plain bf16 and the full fast path
-  sampling   Algorithm 2 at 256x256 (lsun256): a few hundred steps timed, img/s extrapolated to
-             T = 1000 steps (each step costs the same whatever t is)
-  inception  FID feature extraction img/s (torch-fidelity's InceptionV3 through eval.features.features,
-             untrained weights: the speed does not depend on their values)
+  trainer    pipeline.trainer.train_step as users run it: recipes/lsun_bedroom.yaml (lsun256,
+             batch 64, bf16) with its loader, t/eps draws, clipper, EMA and host syncs: replica
+             vs global clipping, NCHW vs channels_last, cudnn.benchmark on/off; img/s, peak
+             memory, MFU, host syncs per step; and the bare step (no loader, clip, EMA) as the
+             upper bound
+  compile    the same trainer with torch.compile (static shapes), replica and global
+  peer       the training loop of diffusers' unconditional example (bench/diffusers_peer.py) on
+             the same network, batch and precision; and its bare UNet2DModel step
+  smoke      pipeline/train.py on the device: a tiny recipe, 20 steps global, 10 + 10 replica
+             (checkpoint written, then resumed)
+  sampling   Algorithm 2 at 256x256 (lsun256): 200 steps timed, img/s extrapolated to T = 1000
+  inception  FID feature extraction img/s (torch-fidelity's InceptionV3, untrained weights)
   ema        the EMA update of the lsun256 weights: fused foreach lerp vs a per-tensor loop
-  loader     TrainLoader img/s at 256x256 with t/eps drawn by its workers, and the host's
-             per-step input time before/after moving that draw (bench/train_rng.py)
-  compile    torch.compile (Inductor): ours vs diffusers, lsun256 then cifar10, then 256x256
-             sampling; compile time reported; each started only while the time budget leaves room
+  loader     TrainLoader img/s at 256x256 with t/eps drawn by its workers
+  tests      the CUDA-marked tests (pytest -m cuda), capped at 90 s
+  sampling_compiled, cifar10   compiled 256x256 sampling; CIFAR-10 bare steps per option
 
-    bench/gpu.sh OUT_DIR                 # on a CUDA machine, < 8 minutes on one H200
-    bench/gpu.sh --cpu-smoke OUT_DIR     # every part on tiny sizes on CPU, < 1 minute
-    bench/gpu.sh --parts env,flops,compile OUT2   # a second call for what the budget left out
-    bench/gpu.sh --cpu OUT_DIR           # the fast-path options on CPU (cifar10, batch 8, 2 threads)
+    bench/gpu.sh OUT_DIR                        # on a CUDA machine, ~7 minutes on one H200
+    bench/gpu.sh --cpu-smoke OUT_DIR            # every part on tiny sizes on CPU, ~2 minutes
+    bench/gpu.sh --parts compile,peer OUT2      # a second call for what the budget cut
+
+Before any part, a preflight of a few seconds checks CUDA and every import the parts need, and
+exits 2 with a one-line fix (e.g. the wheels of .whl/: bench/gpu_wheels.sh).
 """
 
 from __future__ import annotations
@@ -31,9 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,32 +48,55 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project root
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import fast_path
-from pipeline.atomic import write_json, write_text
-from pipeline.convert import diffusers_config, to_diffusers
-from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
-from pipeline.ema import EMA
-from pipeline.fast_path import FastPath
-from pipeline.presets import PRESETS
-from pipeline.unet import UNet
+from gpu_parts import PARTS, TINY  # noqa: E402
 
-TINY = dict(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
-FAST = FastPath(channels_last=True, fused_adam=True, tf32=True)  # the eager fast path
+from pipeline.atomic import write_json, write_text  # noqa: E402
+from pipeline.presets import PRESETS  # noqa: E402
+
+NEEDS = ["diffusers", "torch_fidelity", "lmdb", "accelerate", "safetensors", "yaml", "PIL", "torchvision", "tqdm"]
+
+
+def preflight(cuda: bool) -> str | None:
+    """The one-line fix for a machine that cannot run the parts, or None."""
+    if cuda and not torch.cuda.is_available():
+        return "no CUDA device here; use --cpu-smoke to check the script on CPU"
+    import importlib
+
+    missing = []
+    for name in NEEDS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        have = sorted(p.name for p in (ROOT / ".whl").glob("*.whl"))
+        where = f".whl/ holds {len(have)} wheels" if have else ".whl/ is empty or missing"
+        return (f"cannot import {', '.join(missing)} ({where}); run bench/gpu_wheels.sh where pip reaches PyPI "
+                "and carry .whl to this machine")
+    return None
 
 
 class Run:
-    """Sizes, device and the time budget of this run; the results so far."""
+    """Sizes, device, the time budget and the results so far (written at every row)."""
 
     def __init__(self, args):
         self.smoke, self.out = args.cpu_smoke, Path(args.out)
-        self.device = torch.device("cpu" if self.smoke or args.cpu else "cuda")
+        self.device = torch.device("cpu" if self.smoke else "cuda")
+        self.dtype = None if self.smoke else torch.bfloat16
         self.compile_backend = "eager" if self.smoke else "inductor"  # smoke: dynamo traces, no codegen
         self.budget, self.start = args.budget_s, time.perf_counter()
-        mode = "cpu-smoke" if self.smoke else "cpu" if args.cpu else "cuda"
-        self.results: dict = {"mode": mode, "parts": {}}
-        self.presets = ({"tiny": (TINY, 2)} if self.smoke else {"cifar10": (PRESETS["cifar10"], 8)} if args.cpu else
-                        {"cifar10": (PRESETS["cifar10"], 128), "lsun256": (PRESETS["lsun256"], 64)})
-        self.steps, self.warmup = (1, 1) if self.smoke else (10, 3)
+        self.results: dict = {"mode": "cpu-smoke" if self.smoke else "cuda", "budget_s": self.budget, "parts": {}}
+        self.steps, self.warmup = (2, 1) if self.smoke else (10, 3)
+        self.presets = ["tiny"] if self.smoke else ["lsun256", "cifar10"]
+        self.tmp = tempfile.mkdtemp(prefix="ddpm-gpu-bench-")
+        self._shards: dict = {}
+        self.peak = self.flops = None
+
+    def cfg(self, name: str) -> dict:
+        return TINY if self.smoke else PRESETS[name]
+
+    def batch(self, name: str) -> int:
+        return 8 if self.smoke else {"lsun256": 64, "cifar10": 128}[name]
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
@@ -80,300 +105,42 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def shards(self, res: int | None = None) -> Path:
+        """data_prep shards of smooth random images at `res` (default: the lsun256 resolution), made once."""
+        import train_rng
 
-# ------------------------------------------------------------------------------ parts
+        res = res or self.cfg("lsun256")["resolution"]
+        if res not in self._shards:
+            self._shards[res] = train_rng.make_shards(Path(self.tmp) / f"data{res}", res, 16 if self.smoke else 512)
+        return self._shards[res]
 
+    def images(self) -> Path:
+        """The image files behind the lsun256 shards (the diffusers example reads files)."""
+        return self.shards().parent / "img"
 
-def part_env(run: Run) -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(run.device),
-            "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    try:
-        import diffusers
-        info["diffusers"] = diffusers.__version__
-    except ImportError:
-        info["diffusers"] = None
-    n = 512 if run.smoke else 2048 if run.device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=run.device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=run.device, dtype=torch.bfloat16)
-    for _ in range(2 if run.smoke else 3):
-        a @ b
-    run.sync()
-    reps = 2 if run.smoke else 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    run.sync()
-    info["bf16_matmul_tflops"] = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
-    if run.device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-    run.peak = info["bf16_matmul_tflops"] * 1e12
-    return info
+    def mfu(self, name: str, res: dict) -> None:
+        flops = (self.flops or {}).get("tiny" if self.smoke else name)
+        if flops and self.peak and "img_per_s" in res:
+            res["tflops"] = res["img_per_s"] * flops / 1e12
+            res["mfu"] = res["img_per_s"] * flops / self.peak
 
+    def part(self, name: str) -> dict:
+        return self.results["parts"].setdefault(name, {})
 
-def part_tests(_run: Run) -> dict:
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
-                   if "pytest.mark.cuda" in p.read_text())
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *files]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    lines = [ln for ln in r.stdout.strip().splitlines() if ln.strip()]
-    return {"files": files, "exit_code": r.returncode, "summary": lines[-1] if lines else r.stderr[-500:],
-            "failures": [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]}
+    def rows(self, name: str) -> list:
+        return self.part(name).get("rows", [])
 
+    def row(self, name: str, row: dict) -> dict:
+        self.part(name).setdefault("rows", []).append(row)
+        print(f"  {name}: " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+              flush=True)
+        self.save()
+        return row
 
-def make_pair(cfg: dict, device):
-    """Ours and diffusers' UNet2DModel with identical weights."""
-    import diffusers  # a bench/test dependency, slow to import
-
-    torch.manual_seed(0)
-    ours = UNet(**cfg)
-    ref = diffusers.UNet2DModel(**diffusers_config(cfg))
-    ref.load_state_dict(to_diffusers(ours.state_dict()), strict=True)
-    return ours.to(device), ref.to(device)
-
-
-def part_flops(run: Run) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    out = {}
-    for name, (cfg, _) in run.presets.items():
-        model = UNet(**cfg).to(run.device)
-        x = torch.randn(2, 3, cfg["resolution"], cfg["resolution"], device=run.device)
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(x, torch.tensor([1, 500], device=run.device)).square().mean().backward()
-        out[name] = counter.get_total_flops() / 2
-        del model
-    run.flops = out
-    return {"train_flops_per_image": out}
-
-
-def train_rate(run: Run, model, call, cfg, batch, fp: FastPath, dtype, compiled=False) -> dict:
-    """img/s of forward (autocast) + L_simple + backward + Adam, peak memory, first-step time."""
-    fast_path.apply_tf32(fp)
-    fast_path.prepare_module(model.train(), fp)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-5, eps=1e-8, **fast_path.adam_kwargs(fp))
-    fwd = torch.compile(model, backend=run.compile_backend) if compiled else model
-    g = torch.Generator().manual_seed(1)
-    r = cfg["resolution"]
-    x = fast_path.to_format(torch.randn(batch, 3, r, r, generator=g).to(run.device), fp)
-    t = torch.randint(0, 1000, (batch,), generator=g).to(run.device)
-    eps = torch.randn(batch, 3, r, r, generator=g).to(run.device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(run.device.type, dtype=dtype, enabled=dtype is not None):
-            out = call(fwd, x, t)
-        (out.float() - eps).square().mean().backward()  # eq. 14 in float32
-        opt.step()
-
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    run.sync()
-    first = time.perf_counter() - t0
-    for _ in range(run.warmup - 1):
-        step()
-    run.sync()
-    t0 = time.perf_counter()
-    for _ in range(run.steps):
-        step()
-    run.sync()
-    per = (time.perf_counter() - t0) / run.steps
-    res = {"img_per_s": batch / per, "step_ms": per * 1e3, "first_step_s": first}
-    if run.device.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    fast_path.apply_tf32(FastPath())
-    return res
-
-
-OURS = lambda m, x, t: m(x, t)
-REF = lambda m, x, t: m(x, t).sample
-
-
-def _variants(name: str):
-    bf16 = torch.bfloat16
-    if name == "tiny":  # the smoke run: the code paths, not every option
-        yield "ours", "fp32", FastPath(), None
-    if name == "cifar10":  # every option on its own, then all together
-        yield "ours", "fp32", FastPath(), None
-        yield "ours", "fp32 + TF32", FastPath(tf32=True), None
-        yield "ours", "bf16", FastPath(), bf16
-        yield "ours", "bf16 + channels_last", FastPath(channels_last=True), bf16
-        yield "ours", "bf16 + fused Adam", FastPath(fused_adam=True), bf16
-    yield "ours", "bf16 + channels_last + fused Adam + TF32", FAST, bf16
-    if name != "tiny":
-        yield "diffusers", "bf16", FastPath(), bf16
-    yield "diffusers", "bf16 + channels_last + fused Adam + TF32", FAST, bf16
-
-
-def _mfu(run: Run, name: str, res: dict) -> None:
-    flops = getattr(run, "flops", {}).get(name)
-    if flops and getattr(run, "peak", None):
-        res["tflops"] = res["img_per_s"] * flops / 1e12
-        res["mfu"] = res["img_per_s"] * flops / run.peak
-
-
-def part_train(run: Run) -> dict:
-    rows = []
-    for name, (cfg, batch) in run.presets.items():
-        for model_name, label, fp, dtype in _variants(name):
-            ours, ref = make_pair(cfg, run.device)
-            model, call = (ours, OURS) if model_name == "ours" else (ref, REF)
-            del ours, ref
-            res = train_rate(run, model, call, cfg, batch, fp, dtype)
-            _mfu(run, name, res)
-            rows.append({"preset": name, "batch": batch, "model": model_name, "options": label, "compile": False, **res})
-            del model
-            if run.device.type == "cuda":
-                torch.cuda.empty_cache()
-    return {"rows": rows}
-
-
-def part_sampling(run: Run, compiled: bool = False) -> dict:
-    from pipeline import sampling
-    from pipeline.rng import eval_generators
-
-    cfg, batch, steps = (TINY, 2, 3) if run.smoke else (PRESETS["lsun256"], 64, 200)
-    net = UNet(**cfg).to(run.device)
-    diffusion = GaussianDiffusion(linear_beta_schedule(1000))
-    fp = FastPath(channels_last=True, compile=compiled)
-    model = fast_path.sampling_model(net, fp, torch.bfloat16, backend=run.compile_backend)
-    r = cfg["resolution"]
-    gens = eval_generators(0, range(batch), run.device)  # one noise stream per sample, as eval draws
-    x = torch.randn(batch, 3, r, r, device=run.device)
-    t0 = time.perf_counter()
-    sampling.sample_from(diffusion, model, x, 4, gens)  # warm-up (and compilation): 5 steps
-    run.sync()
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sampling.sample_from(diffusion, model, x, steps - 1, gens)
-    run.sync()
-    per_step = (time.perf_counter() - t0) / steps
-    how = "torch.compile" if compiled else "eager"
-    return {"preset": "lsun256" if not run.smoke else "tiny", "resolution": r, "batch": batch, "steps_timed": steps,
-            "step_ms": per_step * 1e3, "img_per_s_T1000": batch / (per_step * 1000), "warmup_s": first,
-            "note": f"{steps} ancestral steps timed (bf16 autocast, channels_last, {how}), extrapolated to T = 1000"}
-
-
-def part_inception(run: Run) -> dict:
-    import numpy as np
-    import torch_fidelity.feature_extractor_inceptionv3 as mod
-
-    from eval.features import INCEPTION, features, load_extractor
-
-    class Skeleton(mod.FeatureExtractorInceptionV3):  # untrained weights, no download
-        def load_state_dict(self, *args, **kwargs):
-            return None
-
-    saved = mod.load_state_dict_from_url
-    mod.load_state_dict_from_url = lambda *a, **k: {}
-    try:
-        sd = Skeleton(INCEPTION, ["2048"]).state_dict()
-    finally:
-        mod.load_state_dict_from_url = saved
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "inception.pth"
-        torch.save(sd, path)
-        extractor = load_extractor(INCEPTION, weights=str(path), device=run.device)
-        for res, n, batch in ([(32, 2, 2)] if run.smoke else [(32, 2048, 256), (256, 1024, 256)]):
-            imgs = np.random.default_rng(0).integers(0, 256, (n, res, res, 3), dtype=np.uint8)
-            features(imgs[:batch], extractor, batch, run.device, progress=False)  # warm-up
-            run.sync()
-            t0 = time.perf_counter()
-            f = features(imgs, extractor, batch, run.device, progress=False)
-            run.sync()
-            rows.append({"resolution": res, "images": n, "batch": batch, "img_per_s": n / (time.perf_counter() - t0),
-                         "feature_dim": int(f.shape[1])})
-    return {"rows": rows}
-
-
-def part_ema(run: Run) -> dict:
-    cfg = TINY if run.smoke else PRESETS["lsun256"]
-    model = UNet(**cfg).to(run.device)
-    ema = EMA(model, 0.9999)
-    params = list(model.parameters())
-
-    def loop():
-        with torch.no_grad():
-            for s, p in zip(ema.shadow, params):
-                s.mul_(ema.decay).add_(p.detach(), alpha=1 - ema.decay)
-
-    out = {"params": sum(p.numel() for p in params)}
-    for name, fn in (("foreach_lerp_ms", lambda: ema.update(model)), ("per_tensor_loop_ms", loop)):
-        fn()
-        times = []
-        for _ in range(3 if run.smoke else 20):
-            run.sync()
-            t0 = time.perf_counter()
-            fn()
-            run.sync()
-            times.append(time.perf_counter() - t0)
-        out[name] = statistics.median(times) * 1e3
-    return out
-
-
-def part_loader(run: Run) -> dict:
-    import train_rng
-
-    from pipeline.data import TrainLoader
-    from pipeline.diffusion import NoiseDraw
-
-    res, batch, workers, n = (16, 4, 1, 8) if run.smoke else (256, 64, 8, 512)
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        shards = train_rng.make_shards(Path(tmp), res, n)
-        loader = TrainLoader(shards, batch_size=batch, seed=0, num_workers=workers, draw=NoiseDraw(0, 1000),
-                             pin_memory=run.device.type == "cuda")
-        for _ in range(2):
-            next(loader)
-        count = 2 if run.smoke else 12
-        t0 = time.perf_counter()
-        for _ in range(count):
-            x0, t, eps = (v.to(run.device, non_blocking=True) for v in next(loader))
-        run.sync()
-        out["loader"] = {"resolution": res, "batch": batch, "workers": workers,
-                         "img_per_s": count * batch / (time.perf_counter() - t0)}
-        loader.close()
-    argv = ["--device", str(run.device), "--workers", str(workers)] + (["--smoke"] if run.smoke else ["--steps", "10", "--step-ms", "250"])
-    out["rng_before_after"] = train_rng.main(argv)
-    return out
-
-
-def part_compile(run: Run) -> dict:
-    rows = []
-    order = ["tiny"] if run.smoke else ["lsun256", "cifar10"]
-    need = 5 if run.smoke else 120  # seconds one compiled run (compile + timed steps) may take
-    for name in order:
-        cfg, batch = run.presets[name]
-        for model_name in ("ours",) if run.smoke else ("ours", "diffusers"):  # smoke: the code path once
-            if run.left() < need:
-                rows.append({"preset": name, "model": model_name, "skipped": f"time budget ({run.left():.0f} s left)"})
-                continue
-            ours, ref = make_pair(cfg, run.device)
-            model, call = (ours, OURS) if model_name == "ours" else (ref, REF)
-            del ours, ref
-            res = train_rate(run, model, call, cfg, batch, FAST, torch.bfloat16, compiled=True)
-            res["compile_s"] = res.pop("first_step_s")
-            _mfu(run, name, res)
-            rows.append({"preset": name, "batch": batch, "model": model_name, "compile": True,
-                         "options": "bf16 + channels_last + fused Adam + TF32 + torch.compile", **res})
-            del model
-            if run.device.type == "cuda":
-                torch.cuda.empty_cache()
-    out = {"rows": rows, "backend": run.compile_backend}
-    if run.left() >= need:  # Algorithm 2 with the compiled U-Net (compile time in warmup_s)
-        out["sampling"] = part_sampling(run, compiled=True)
-    else:
-        out["sampling"] = {"skipped": f"time budget ({run.left():.0f} s left)"}
-    return out
-
-
-PARTS = [("env", part_env), ("tests", part_tests), ("flops", part_flops), ("train", part_train),
-         ("sampling", part_sampling), ("inception", part_inception), ("ema", part_ema),
-         ("loader", part_loader), ("compile", part_compile)]
+    def save(self) -> None:
+        self.results["elapsed_s"] = time.perf_counter() - self.start
+        write_json(self.out / "results.json", self.results)
+        write_text(self.out / "results.md", markdown(self.results))
 
 
 # ------------------------------------------------------------------------------ report
@@ -383,8 +150,47 @@ def _fmt(v, nd=1):
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.{nd}%}" if nd == "%" else f"{v:,.{nd}f}"
+        return f"{v:,.{nd}f}"
+    if isinstance(v, list):
+        return "-".join(_fmt(x, nd) for x in v)
     return str(v)
+
+
+COLUMNS = [("img/s", "img_per_s"), ("step ms", "step_ms"), ("range ms", "step_ms_range"), ("peak GiB", "peak_mem_gib"),
+           ("TFLOP/s", "tflops"), ("MFU", "mfu"), ("host syncs/step", "host_syncs_per_step"),
+           ("first step s", "first_step_s")]
+
+
+def _table(rows: list) -> list:
+    head = "variant" if "variant" in rows[0] else "model / options"
+    lines = [f"| {head} | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        name = r.get("variant") or f"{r.get('model')}, {r.get('options')}"
+        if "skipped" in r:
+            lines.append(f"| {name} | skipped: {r['skipped']} |" + " |" * (len(COLUMNS) - 1))
+            continue
+        cells = [f"{r[k]:.1%}" if k == "mfu" and k in r else _fmt(r.get(k)) for _, k in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratios(parts: dict) -> list:
+    """The goals' ratios: ours vs the diffusers example, replica vs global."""
+    by = {r["variant"]: r for p in ("trainer", "compile", "peer") for r in parts.get(p, {}).get("rows", [])
+          if "img_per_s" in r}
+    ours = max((r for v, r in by.items() if v.startswith("replica")), key=lambda r: r["img_per_s"], default=None)
+    peer = max((r for v, r in by.items() if v.startswith("diffusers example")), key=lambda r: r["img_per_s"],
+               default=None)
+    out = []
+    if ours and peer:
+        out.append(f"ours (recipe, best replica row) / diffusers example loop (best row) img/s: "
+                   f"**{ours['img_per_s'] / peer['img_per_s']:.2f}x**")
+    for layout in ("NCHW", "channels_last"):
+        rep = by.get("replica (recipe), NCHW" if layout == "NCHW" else "replica, channels_last")
+        glo = by.get(f"global, {layout}")
+        if rep and glo:
+            out.append(f"replica / global step time, {layout}: **{rep['step_ms'] / glo['step_ms']:.3f}x**")
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -393,61 +199,51 @@ def markdown(results: dict) -> str:
     lines = [f"# bench/gpu.sh ({results['mode']})", "",
              f"{env.get('gpu', env.get('device', '?'))}, torch {env.get('torch')}, CUDA {env.get('cuda')}, "
              f"diffusers {env.get('diffusers')}, {env.get('date')}; measured bf16 matmul rate "
-             f"{_fmt(env.get('bf16_matmul_tflops'))} TFLOP/s (the MFU denominator).", ""]
+             f"{_fmt(env.get('bf16_matmul_tflops'))} TFLOP/s (the MFU denominator); "
+             f"{_fmt(results.get('elapsed_s'), 0)} s of a {_fmt(results.get('budget_s'), 0)} s budget.", ""]
+    lines += [f"- {r}" for r in ratios(p)] + [""]
     for name, _ in PARTS:
         part = p.get(name)
         if part is None:
             continue
         lines.append(f"## {name}")
-        if "error" in part or "skipped" in part:
-            lines += [f"{'error' if 'error' in part else 'skipped'}: {part.get('error') or part.get('skipped')}", ""]
-            continue
-        if name in ("train", "compile"):
-            lines += ["| preset | batch | model | options | img/s | step ms | peak GiB | TFLOP/s | MFU | first step / compile s |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
-            for r in part["rows"]:
-                if "skipped" in r:
-                    lines.append(f"| {r['preset']} | | {r['model']} | skipped: {r['skipped']} | | | | | | |")
-                    continue
-                mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
-                lines.append(f"| {r['preset']} | {r['batch']} | {r['model']} | {r['options']} | {_fmt(r['img_per_s'])} | "
-                             f"{_fmt(r['step_ms'])} | {_fmt(r.get('peak_mem_gib'))} | {_fmt(r.get('tflops'))} | {mfu} | "
-                             f"{_fmt(r.get('compile_s', r.get('first_step_s')))} |")
-            lines.append(_ratios(part["rows"]))
-            if "sampling" in part:
-                lines += ["Sampling with the compiled U-Net:", "```json", json.dumps(part["sampling"], indent=1), "```"]
-        else:
-            lines += ["```json", json.dumps({k: v for k, v in part.items() if k != "seconds"}, indent=1), "```"]
+        if part.get("rows") and isinstance(part["rows"][0], dict) and ("variant" in part["rows"][0]
+                                                                          or "options" in part["rows"][0]):
+            lines += _table(part["rows"])
+        rest = {k: v for k, v in part.items() if k not in ("rows", "seconds", "traceback")}
+        if rest or (part.get("rows") and not lines[-1].startswith("|")):
+            lines += ["```json", json.dumps(rest if not part.get("rows") or lines[-1].startswith("|")
+                                            else part, indent=1), "```"]
         lines += [f"({part.get('seconds', 0):.0f} s)", ""]
     return "\n".join(lines) + "\n"
-
-
-def _ratios(rows) -> str:
-    """ours/diffusers img/s for each (preset, options, compile) measured for both."""
-    by = {(r["preset"], r["options"], r["compile"], r["model"]): r["img_per_s"] for r in rows if "img_per_s" in r}
-    out = [f"ours/diffusers img/s, {k[0]}, {k[1]}: **{v / by[(k[0], k[1], k[2], 'diffusers')]:.2f}x**"
-           for k, v in by.items() if k[3] == "ours" and (k[0], k[1], k[2], "diffusers") in by]
-    return "\n" + "; ".join(out) + "\n" if out else ""
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="folder for results.json and results.md (created)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on CPU: proves every part runs")
-    ap.add_argument("--cpu", action="store_true",
-                    help="cifar10 at batch 8 on CPU: the options that apply there (default parts env,flops,train)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="compile parts start only within this budget")
-    ap.add_argument("--parts", default=None, help="comma-separated subset (default: all)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="overall seconds; a part or row that would not fit is skipped and recorded "
+                         "(default 420 on CUDA; 3600 for --cpu-smoke, which proves code paths, not speed)")
+    ap.add_argument("--parts", default=None, help="comma-separated subset, in the order above (default: all)")
     args = ap.parse_args(argv)
-    args.parts = args.parts or ("env,flops,train" if args.cpu else ",".join(n for n, _ in PARTS))
-    if not (args.cpu_smoke or args.cpu) and not torch.cuda.is_available():
-        print("bench/gpu.sh: no CUDA device here; use --cpu-smoke to check the script on CPU", file=sys.stderr)
+    args.budget_s = args.budget_s or (3600.0 if args.cpu_smoke else 420.0)
+    known = [n for n, _ in PARTS]
+    wanted = args.parts.split(",") if args.parts else known
+    if [w for w in wanted if w not in known]:
+        print(f"bench/gpu.sh: unknown part(s) {[w for w in wanted if w not in known]}; parts: {','.join(known)}",
+              file=sys.stderr)
         return 2
-    if args.cpu_smoke or args.cpu:
+    problem = preflight(cuda=not args.cpu_smoke)
+    if problem:
+        print(f"bench/gpu.sh: {problem}", file=sys.stderr)
+        return 2
+    if args.cpu_smoke:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     run = Run(args)
     run.out.mkdir(parents=True, exist_ok=True)
-    wanted = set(args.parts.split(","))
+    if "flops" not in wanted and "env" not in wanted:  # MFU needs both: they take seconds
+        wanted = ["env", "flops", *wanted]
     for name, fn in PARTS:
         if name not in wanted:
             continue
@@ -457,18 +253,15 @@ def main(argv=None) -> int:
             part = fn(run)
         except Exception as e:  # record and go on: one broken part must not cost the others
             part = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:500], "traceback": traceback.format_exc()[-3000:]}
-        part["seconds"] = time.perf_counter() - t0
+            print(f"  {name}: {part['error']}", flush=True)
+        part = {**run.part(name), **part, "seconds": time.perf_counter() - t0}
         run.results["parts"][name] = part
-        write_json(run.out / "results.json", run.results)
-        write_text(run.out / "results.md", markdown(run.results))
-    run.results["total_s"] = time.perf_counter() - run.start
-    write_json(run.out / "results.json", run.results)
+        run.save()
     md = markdown(run.results)
-    write_text(run.out / "results.md", md)
     print(md)
     errors = [n for n, p in run.results["parts"].items() if "error" in p]
-    print(f"total {run.results['total_s']:.0f} s; {len(errors)} part(s) failed: {errors}" if errors
-          else f"total {run.results['total_s']:.0f} s; every part ran")
+    print(f"total {run.results['elapsed_s']:.0f} s; {len(errors)} part(s) failed: {errors}" if errors
+          else f"total {run.results['elapsed_s']:.0f} s; every part ran")
     return 1 if errors else 0
 
 
