@@ -116,7 +116,7 @@ def example_loop_row(images: Path, unet_cfg: dict, batch: int, *, steps: int, wa
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         return row
     finally:
-        del it, loader
+
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         if cuda:

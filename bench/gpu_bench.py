@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the project root
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_parts import PARTS, TINY  # noqa: E402
+from gpu_parts import PARTS, TINY
 
-from pipeline.atomic import write_json, write_text  # noqa: E402
-from pipeline.presets import PRESETS  # noqa: E402
+from pipeline.atomic import write_json, write_text
+from pipeline.presets import PRESETS
 
 NEEDS = ["diffusers", "torch_fidelity", "lmdb", "accelerate", "safetensors", "yaml", "PIL", "torchvision", "tqdm"]
 

@@ -79,7 +79,7 @@ def part_flops(run) -> dict:
 # ------------------------------------------------------------------------------ the trainer as users run it
 
 
-def _trainer_variants(run):
+def _trainer_variants():
     """(label, overrides of lsun_bedroom.yaml): the recipe as shipped first, then one change each."""
     yield "replica (recipe), NCHW", dict(clip_scope="replica", channels_last=False, compile=False)
     yield "global, NCHW", dict(clip_scope="global", channels_last=False, compile=False)
@@ -102,7 +102,7 @@ def _trainer_row(run, part: str, label: str, need: float, **train) -> dict:
 
 def part_trainer(run) -> dict:
     """pipeline.trainer.train_step on lsun_bedroom.yaml (batch 64, bf16), eager."""
-    for label, train in _trainer_variants(run):
+    for label, train in _trainer_variants():
         _trainer_row(run, "trainer", label, 25, **train)
     # The upper bound: one bare forward/backward/Adam step of the same 64 images, no loader,
     # clipping, EMA or syncs, with the trainer's CUDA options.
@@ -256,7 +256,7 @@ def train_rate(run, model, call, cfg, batch, fp: FastPath, dtype, compiled=False
     if run.device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     fast_path.apply_tf32(FastPath())
-    del opt, fwd
+
     return res
 
 

@@ -107,6 +107,6 @@ def trainer_row(shards: Path, out: Path, *, smoke: bool, steps: int, warmup: int
         GradientState._reset_state()
         if getattr(parts.fast, "compile", False):
             torch._dynamo.reset()
-        del parts
+
         if cuda:
             torch.cuda.empty_cache()

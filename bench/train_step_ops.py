@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from pipeline import trainer  # noqa: E402
-from pipeline.config import load_recipe  # noqa: E402
+from pipeline import trainer
+from pipeline.config import load_recipe
 
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
 LAYOUTS = {"global, 1 micro-batch of 16": dict(clip_scope="global"),
