@@ -3,8 +3,9 @@
 The step as scripts/quickstart.py runs it (128 samples, 1000 reference images, real offline
 Inception, `accelerate launch` with 2 CPU processes, OMP_NUM_THREADS=1), on the quickstart's
 data and a quickstart-sized model trained for a few steps (how long it trained does not change
-the work of sampling and scoring). Every repeat starts from an empty --out and an empty cache
-(`--cache-dir`: the reference statistics are computed again, as on a first quickstart run).
+the work of sampling and scoring). Every repeat starts from an empty --out and an empty
+reference cache (`--cache-dir`: the reference statistics are computed again, as on a first
+quickstart run), or with `--ref-cache DIR` a copy of one that holds them (as on a later run).
 
 Each process's CPU time (user + system, its own threads included) and its wall time are
 written at exit by a `sitecustomize` hook that only the measured processes load.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,9 +59,11 @@ def setup(work: Path, steps: int) -> Path:
     return run_dir
 
 
-def time_once(code: Path, run_dir: Path, samples: int) -> dict:
+def time_once(code: Path, run_dir: Path, samples: int, ref_cache: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="fidbench-") as tmp:
         tmp = Path(tmp)
+        if ref_cache:  # the reference statistics of an earlier run: only sampling and its features are timed
+            shutil.copytree(ref_cache, tmp / "ref")
         (tmp / "hook").mkdir()
         (tmp / "hook" / "sitecustomize.py").write_text(HOOK)
         (tmp / "times").mkdir()
@@ -85,13 +89,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="training steps of the model (reused when present)")
     ap.add_argument("--samples", type=int, default=128, help="the quickstart's --num-samples")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-cache", type=Path, default=None,
+                    help="a --cache-dir holding the reference statistics (as on a later quickstart run)")
     args = ap.parse_args()
     run_dir = setup(args.work, args.steps)
     with open("/proc/loadavg") as f:
         print(f"load average before: {f.read().split()[:3]}", flush=True)
     runs = []
     for i in range(args.repeats):
-        r = time_once(args.code.resolve(), run_dir, args.samples)
+        r = time_once(args.code.resolve(), run_dir, args.samples, args.ref_cache)
         print(json.dumps({"repeat": i, **r}), flush=True)
         runs.append(r)
     with open("/proc/loadavg") as f:
