@@ -194,7 +194,11 @@ def main(args) -> int:
     seed = resolve(args.seed, r, "eval.seed")
     precision = resolve(args.precision, r, "eval.mixed_precision")
     acc = accelerator()
-    if not acc.is_main_process:  # the figures are small: one process draws them
+    if not acc.is_main_process:  # Figs. 5-9 are small: rank 0 draws them; all share Fig. 10's samples
+        if "10" in which:
+            device = args.device or acc.device
+            model = Precision(loaded.model.to(device).eval(), precision, device)
+            figures_more._fig10(loaded, model, args, shards=shards, seed=seed, device=device)  # rank 0 writes it
         return 0
     nums = make_figures(loaded, shards, args.out, split=split, num_images=args.num_images,
                         t_batch=resolve(args.t_batch, r, "eval.nll_t_batch"), seed=seed, precision=precision,

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from eval.common import EvalError, to_uint8
+from eval.features import share
 from eval.sample import save_grid
+from eval.work import gather_share
 from pipeline.atomic import atomic_path, write_json
 from pipeline.rng import eval_generators
 from pipeline.sampling import sample_from
@@ -91,14 +93,16 @@ def progressive_quality(diffusion, model, shape, show_t, score, *, batch_size: i
             shots[t].append(to_uint8(pred_x0))
 
     n = shape[0]
-    for start in range(0, n, batch_size):
-        b = min(batch_size, n - start)
+    mine = share(n)  # this process's samples; every process draws its own share
+    for start in range(mine.start, mine.stop, batch_size):
+        b = min(batch_size, mine.stop - start)
         gens = eval_generators(seed, range(start, start + b), device)
         with torch.inference_mode():
             diffusion.p_sample_loop(model, (b, *shape[1:]), generator=gens, callback=grab, device=device)
     T = diffusion.num_timesteps
     out = {"t_0based": want, "reverse_steps": [T - t for t in want], "num_samples": n, "seed": seed}
-    scores = [score(np.concatenate(shots[t])) for t in want]
+    none = np.zeros((0, *shape[2:], shape[1]), np.uint8)
+    scores = [score(gather_share(np.concatenate([none, *shots[t]]), n, device)) for t in want]
     for key in scores[0]:
         out[key] = [s[key] for s in scores]
     return out

@@ -9,16 +9,15 @@ Layout of the output directory:
 Sample i is drawn from its own generator seeded by (seed, i) (`pipeline.rng.eval_seed`), so it is the
 same image whatever the batch size or the number of processes. Chunk c holds samples
 [c*chunk_size, (c+1)*chunk_size); it is written to a temporary name and renamed when whole,
-so a chunk file that exists is complete. A restarted job lists the chunks that exist and
-draws only the others (spread round-robin over the processes), so nothing is redone or
-duplicated. A chunk that does not load, holds other indices or fails its checksum (a disk
+so a chunk file that exists is complete. A restarted job lists the chunks (and parts of
+chunks) that exist and draws only the rest, in equal shares per process whatever the chunk size
+(eval/work.py), so nothing is redone or duplicated and no process waits on another. A chunk that does not load, holds other indices or fails its checksum (a disk
 that lost the tail of a file) is moved aside as `.bad` and drawn again, never counted as done. The DDIM sampler is beyond the paper and is labelled so in the protocol.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from tqdm import tqdm
 
 from eval.common import EvalError, accelerator, add_model_args, load_model, resolve, to_uint8
 from eval.results import BEYOND_PAPER, mark_paper_protocol, weights_sha256
+from eval.work import assemble, chunk_problem, missing, part_path, split, write_images
 from pipeline import build, fast_path
 from pipeline.atomic import atomic_path, write_json
 from pipeline.hub import Pretrained
@@ -67,28 +67,6 @@ def chunk_path(out: Path, c: int) -> Path:
 
 def done_chunks(out: Path, n_chunks: int) -> set[int]:
     return {c for c in range(n_chunks) if chunk_path(out, c).is_file()}
-
-
-def images_sha256(images: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()
-
-
-def chunk_problem(path: Path, lo: int, hi: int, recorded: str | None = None) -> str | None:
-    """Why the chunk file at `path` cannot count as samples [lo, hi), or None when it is whole:
-    it must load, hold those indices, and match its own checksum (and samples.json's)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images, indices = z["images"], z["indices"]
-            sha = str(z["sha256"]) if "sha256" in z.files else None
-    except Exception as e:  # a truncated or damaged zip: BadZipFile, EOFError, ValueError, KeyError...
-        return f"unreadable ({type(e).__name__})"
-    if indices.tolist() != list(range(lo, hi)) or len(images) != hi - lo:
-        return f"holds {len(images)} samples / other indices, expected [{lo}, {hi})"
-    got = images_sha256(images)
-    for want in (sha, recorded):
-        if want is not None and want != got:
-            return "checksum mismatch"
-    return None
 
 
 def verified_todo(out: Path, n_chunks: int, chunk_size: int, num_samples: int) -> list[int]:
@@ -178,43 +156,68 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
     n_chunks = math.ceil(num_samples / chunk_size)
     if acc.is_main_process:
         (out / "chunks").mkdir(parents=True, exist_ok=True)
+        (out / "parts").mkdir(exist_ok=True)
         _check_protocol(out, proto)
         if not (out / "samples.json").is_file():
             write_json(out / "samples.json", {"protocol": proto, "complete": False, "chunks": []})
     acc.wait_for_everyone()
-    from accelerate.utils import broadcast_object_list  # imported here: `--help` stays fast
+    from accelerate.utils import broadcast_object_list, gather_object  # imported here: `--help` stays fast
 
-    box = [verified_todo(out, n_chunks, chunk_size, num_samples) if acc.is_main_process else None]
-    todo = broadcast_object_list(box)[0]  # the main process checked the chunks; all agree
-    mine = todo[acc.process_index :: acc.num_processes]
+    chunks = {c: (c * chunk_size, c * chunk_size + _chunk_len(c, chunk_size, num_samples)) for c in range(n_chunks)}
+    if acc.is_main_process:
+        todo = verified_todo(out, n_chunks, chunk_size, num_samples)
+        plan = [todo, missing(out, chunks, set(chunks) - set(todo))]
+    box = broadcast_object_list([plan if acc.is_main_process else None])  # rank 0 checked the files: all agree
+    todo, left = box[0]
+    mine = split(left, acc.num_processes)[acc.process_index]  # equal shares of samples, not whole chunks
     model = sampling_model(loaded, precision, device)
-    bar = tqdm(total=sum(_chunk_len(c, chunk_size, num_samples) for c in mine), unit="img",
+    bar = tqdm(total=sum(hi - lo for lo, hi in mine), unit="img",
                desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
-    for k, c in enumerate(mine):
-        if stop_after_chunks is not None and k >= stop_after_chunks:
-            break
-        lo, hi = c * chunk_size, c * chunk_size + _chunk_len(c, chunk_size, num_samples)
-        images = []
-        for b in range(lo, hi, batch_size):
-            idx = list(range(b, min(b + batch_size, hi)))
-            images.append(draw(loaded, model, idx, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                               device=device))
-            bar.update(len(idx))
-        images = np.concatenate(images)
-        with atomic_path(chunk_path(out, c)) as tmp:  # a chunk that exists is whole
-            np.savez(tmp, images=images, indices=np.arange(lo, hi, dtype=np.int64), sha256=images_sha256(images))
+    written = _draw_share(out, mine, chunks, chunk_size, lambda idx: draw(
+        loaded, model, idx, seed=seed, sampler=sampler, steps=steps, eta=eta, device=device), batch_size, bar,
+        stop_after_chunks)
     bar.close()
+    acc.wait_for_everyone()
+    for c in todo[acc.process_index :: acc.num_processes]:  # chunks drawn in parts: put together
+        if not chunk_path(out, c).is_file():
+            assemble(out, chunk_path(out, c), *chunks[c])
+    drawn = gather_object([written])
     acc.wait_for_everyone()
     if acc.is_main_process:
         done = sorted(done_chunks(out, n_chunks))
         write_json(out / "samples.json", {"protocol": proto, "complete": len(done) == n_chunks,
                                           "processes": acc.num_processes,  # of the last run
+                                          "drawn_per_process": drawn,  # samples each drew in the last run
                                           "chunks": [chunk_path(out, c).name for c in done],
                                           "checksums": _checksums(out, done)})
         if done and 0 in done:
             save_grid(load_samples(out, limit=64), out / "grid.png")
     acc.wait_for_everyone()
     return proto
+
+
+def _draw_share(out: Path, mine: list, chunks: dict, chunk_size: int, draw_batch: Callable, batch_size: int,
+                bar, stop_after: int | None) -> int:
+    """Draw this process's pieces `mine` ([lo, hi) ranges) in batches that may run across pieces
+    and write each piece when it is complete: a whole chunk as the chunk, else as a part.
+    Returns the samples written. `stop_after` files (tests) ends early, as a preemption would."""
+    flat = [i for lo, hi in mine for i in range(lo, hi)]
+    pieces, buf, have, written, files = list(mine), [], 0, 0, 0
+    for b in range(0, len(flat), batch_size):
+        idx = flat[b : b + batch_size]
+        buf.append(draw_batch(idx))
+        have += len(idx)
+        bar.update(len(idx))
+        while pieces and have >= pieces[0][1] - pieces[0][0]:
+            lo, hi = pieces.pop(0)
+            images = np.concatenate(buf)
+            buf, have = [images[hi - lo :]], have - (hi - lo)
+            c = lo // chunk_size
+            write_images(chunk_path(out, c) if chunks[c] == (lo, hi) else part_path(out, lo, hi), images[: hi - lo], lo)
+            written, files = written + hi - lo, files + 1
+            if stop_after is not None and files >= stop_after:
+                return written  # preempted: what was not written is lost
+    return written
 
 
 def _checksums(out: Path, done: list[int]) -> dict:
