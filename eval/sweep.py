@@ -31,7 +31,6 @@ from eval.sample import add_sampling_options
 from pipeline.atomic import atomic_path, write_json
 from pipeline.snapshots import list_snapshots
 
-
 SELECTION = ("minimum FID over the scored EMA snapshots, the earliest on a tie (App. B: metrics are "
              "reported at the checkpoint with the minimum FID over the course of training)")
 
