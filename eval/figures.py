@@ -6,8 +6,9 @@ Fig. 5  rate-distortion of progressive lossy decoding (Sec. 4.3, Algorithms 3-4)
         L_T + sum of the KL terms sent so far, and the distortion is the RMSE (on [0, 255]) of
         the x_0 predicted from x_t (eq. 15). Both come from one `calc_bpd` pass over test images.
 Fig. 6  progressive generation: the predicted x_0 along one ancestral sampling run (Algorithm 2).
-Fig. 8  interpolation: two test images encoded to x_t ~ q(x_t | x_0) at t = 500, the latents
-        mixed linearly with several lambda and decoded by the reverse process (noise shared).
+Fig. 8  interpolation: two test images encoded to x_t ~ q(x_t | x_0) at the paper's t = 500
+        (1-based, as the paper and Fig. 9 count; 0-based index 499 here; default T/2), the
+        latents mixed linearly with several lambda and decoded by the reverse process (noise shared).
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, de
     return np.stack(cols, 1)
 
 
-def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 500, seed: int = 0) -> np.ndarray:
-    """Fig. 8: uint8 [N, 2 + L, H, W, C]: source a, the L decodings, source b."""
+def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 499, seed: int = 0) -> np.ndarray:
+    """Fig. 8: uint8 [N, 2 + L, H, W, C]: source a, the L decodings, source b. `t` is the 0-based
+    index (499 = the paper's t = 500)."""
     g = torch.Generator(device=x_a.device).manual_seed(seed)
     with torch.inference_mode():
         out = diffusion.interpolate(model, x_a, x_b, lambdas, t=t, generator=g)  # [N, L, C, H, W]
@@ -103,13 +105,17 @@ def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 500, seed: in
 
 def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, split: str = "test",
                  num_images: int = 8, t_batch: int = 10, seed: int = 0, precision: str = "no",
-                 n_progressive: int = 4, lambdas=None, interp_t: int = 500, which=("5", "6", "8"),
+                 n_progressive: int = 4, lambdas=None, interp_t: int | None = None, which=("5", "6", "8"),
                  device="cpu", more=None) -> dict:
-    """The figures in `which`; `more`: the parsed options of Figs. 7, 9, 10 (figures_more.add_args)."""
+    """The figures in `which`; `more`: the parsed options of Figs. 7, 9, 10 (figures_more.add_args).
+    `interp_t`: Fig. 8's t counted as the paper counts (1..T; None: T/2, the paper's 500 of 1000)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     d = loaded.diffusion
     T = d.num_timesteps
+    interp_t = T // 2 if interp_t is None else int(interp_t)
+    if not 1 <= interp_t <= T:
+        raise EvalError(f"--interp-t {interp_t}: the paper's t counts from 1 to T = {T}")
     model = Precision(loaded.model.to(device).eval(), precision, device)
     need = max(num_images, 2 * 2)
     xs, n = [], 0
@@ -142,15 +148,15 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
         k = max(1, len(x0) // 2)
         k = min(k, 2)
-        grid = interpolation(d, model, x0[:k], x0[k:2 * k], lam, t=min(interp_t, T - 1), seed=seed)
+        grid = interpolation(d, model, x0[:k], x0[k:2 * k], lam, t=interp_t - 1, seed=seed)  # 0-based index
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig8_interpolation.png", ncol=grid.shape[1])
         # how far the lambda = 0 / 1 decodings land from their sources (on [0, 255])
         rmse = lambda a, b: float(np.sqrt(((a.astype(np.float64) - b) ** 2).mean()))
-        info = {"t_0based": min(interp_t, T - 1), "lambdas": lam, "pairs": k, "seed": seed,
+        info = {"t_paper": interp_t, "t_0based": interp_t - 1, "lambdas": lam, "pairs": k, "seed": seed,
                 "rmse_lambda0_vs_a": rmse(grid[:, 1], grid[:, 0]), "rmse_lambda1_vs_b": rmse(grid[:, -2], grid[:, -1]),
                 "columns": "source a, decodings for each lambda, source b"}
         write_json(out / "fig8_interpolation.json", info, indent=1)
-        numbers["fig8"] = {k2: info[k2] for k2 in ("rmse_lambda0_vs_a", "rmse_lambda1_vs_b")}
+        numbers["fig8"] = {k2: info[k2] for k2 in ("t_paper", "rmse_lambda0_vs_a", "rmse_lambda1_vs_b")}
     if more is not None and {"7", "9", "10"} & set(which):
         numbers.update(figures_more.make_more(loaded, model, x0, out, which, more, shards=shards, seed=seed,
                                               lambdas=lambdas, device=device))
@@ -171,7 +177,9 @@ def register(subparsers) -> None:
     p.add_argument("--t-batch", type=int, default=None, help="time steps per model call (Fig. 5); default: eval.nll_t_batch")
     p.add_argument("--rows", type=int, default=4, help="samples in Fig. 6")
     p.add_argument("--lambdas", default=None, help="comma-separated interpolation weights (Fig. 8)")
-    p.add_argument("--interp-t", type=int, default=500, help="0-based t of the interpolated latent (Fig. 8)")
+    p.add_argument("--interp-t", type=int, default=None,
+                   help="t of the interpolated latent, counted from 1 as in the paper and Fig. 9 (Fig. 8); "
+                   "default: T/2 (the paper's 500 of T = 1000)")
     p.add_argument("--seed", type=int, default=None, help="base seed; default: eval.seed")
     p.add_argument("--precision", choices=("no", "bf16", "fp16"), default=None,
                    help="autocast the U-Net; default: eval.mixed_precision")
@@ -205,7 +213,7 @@ def main(args) -> int:
                         n_progressive=args.rows, lambdas=lambdas, interp_t=args.interp_t, which=which,
                         device=args.device or acc.device, more=args)
     proto = {"split": split, "shards": str(shards), "num_images_fig5": args.num_images, "seed": seed,
-             "precision": precision, "interp_t_0based": args.interp_t, "figures": list(which)}
+             "precision": precision, "interp_t_paper": nums.get("fig8", {}).get("t_paper"), "figures": list(which)}
     write_result(args.out, "figures", nums, proto,
                  {"source": loaded.source, "weights_sha256": weights_sha256(loaded.model)})
     log_figures_to_run(args.src, args.out)  # the run's tracker shows them too, when it has one

@@ -1,8 +1,10 @@
 """The paper's Figs. 7, 9 and 10 for `eval figures --which 7,9,10`: PNG files plus their numbers as JSON.
 
-Fig. 7   samples x_0 ~ p(x_0 | x_t) that share one x_t, for several t: a test image is noised to
-         x_t ~ q(x_t | x_0) (eq. 4) and the reverse process is run from that x_t several times with
-         independent noise. Large t share only coarse attributes, small t nearly everything.
+Fig. 7   samples x_0 ~ p(x_0 | x_t) that share one x_t, as App. D draws them: a single reverse
+         chain (Algorithm 2) from one prior draw x_T ~ N(0, I) is split at t = T, 3T/4, T/2, T/4
+         (the paper's 1000, 750, 500, 250): its state x_t there is frozen and the rest of the
+         chain is drawn several times with independent noise. No test data is involved. Large t
+         share only coarse attributes, small t nearly everything.
 Fig. 9   coarse-to-fine interpolation: Fig. 8's latent mixing after different numbers of diffusion
          steps (0 steps = mixing the pixels; T steps = two unrelated samples at the ends).
 Fig. 10  sample quality along the reverse process: FID (and the Inception Score when the Inception
@@ -38,25 +40,40 @@ def _mean_pairwise_rmse(images: np.ndarray) -> float:
     return float(np.mean([_rmse(images[i], images[j]) for i in range(n) for j in range(i + 1, n)]))
 
 
-def shared_latent_samples(diffusion, model, x0: torch.Tensor, ts, n_samples: int, seed: int = 0) -> tuple:
-    """Fig. 7 for one image x0 [1, C, H, W]: rows for each 0-based t in `ts`, columns source x_0,
-    x_t, then `n_samples` draws of p(x_0 | x_t). Returns (uint8 [len(ts), 2 + n, H, W, C], numbers)."""
-    rows, info = [], {"t_0based": [int(t) for t in ts], "samples_per_t": n_samples, "seed": seed,
-                      "pairwise_rmse_0_255": [], "rmse_to_source_0_255": []}
-    src = to_uint8(x0)
+def split_chain_samples(diffusion, model, shape, ts, n_samples: int, seed: int = 0, device="cpu") -> tuple:
+    """Fig. 7: one chain of Algorithm 2 from x_T ~ N(0, I) of `shape` [1, C, H, W], split at each
+    0-based t in `ts` (t = 999 is the paper's x_1000 = x_T itself): `n_samples` draws of
+    p(x_0 | x_t) continue from the chain's own x_t with independent noise.
+
+    Noise streams of `seed` (pipeline.rng.eval_generators): 0 is the chain (x_T and every step),
+    1 + i * n .. the draws from split i. Returns (uint8 [len(ts), 2 + n, H, W, C] with columns x_t,
+    the n draws, the chain's own x_0 (itself a draw of p(x_0 | x_t) for every t); numbers; the
+    frozen x_t by t, float)."""
+    want = {int(t) for t in ts}
+    frozen: dict[int, torch.Tensor] = {}
+
+    def grab(t, x_t, _pred_x0):  # sample_from's callback: x_t is the input of step t
+        if t in want:
+            frozen[t] = x_t.clone()
+
+    with torch.inference_mode():
+        chain_x0 = diffusion.p_sample_loop(model, shape, generator=eval_generators(seed, range(1), device),
+                                           callback=grab, device=device)
+    own = to_uint8(chain_x0)
+    T = diffusion.num_timesteps
+    rows, info = [], {"t_paper": [int(t) + 1 for t in ts], "t_0based": [int(t) for t in ts], "T": T,
+                      "samples_per_t": n_samples, "seed": seed, "pairwise_rmse_0_255": [],
+                      "rmse_to_chain_x0_0_255": []}
     for i, t in enumerate(ts):
-        g = torch.Generator(device=x0.device).manual_seed(seed * 1_000_003 + i)
-        noise = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
-        x_t = diffusion.q_sample(x0, torch.full((1,), int(t), device=x0.device), noise)  # eq. 4
-        xs = x_t.expand(n_samples, *x0.shape[1:]).contiguous()
-        gens = eval_generators(seed, range(i * n_samples, (i + 1) * n_samples), x0.device)
+        xs = frozen[int(t)].expand(n_samples, *shape[1:]).contiguous()
+        gens = eval_generators(seed, range(1 + i * n_samples, 1 + (i + 1) * n_samples), device)
         with torch.inference_mode():
             out = to_uint8(sample_from(diffusion, model, xs, int(t), generator=gens))
-        rows.append(np.concatenate([src, to_uint8(x_t), out], 0))
+        rows.append(np.concatenate([to_uint8(frozen[int(t)]), out, own], 0))
         info["pairwise_rmse_0_255"].append(_mean_pairwise_rmse(out))
-        info["rmse_to_source_0_255"].append(float(np.mean([_rmse(o, src[0]) for o in out])))
-    info["columns"] = "source x_0, x_t, samples of p(x_0 | x_t)"
-    return np.stack(rows), info
+        info["rmse_to_chain_x0_0_255"].append(float(np.mean([_rmse(o, own[0]) for o in out])))
+    info["columns"] = "x_t of the one chain (clipped to [-1, 1]), draws of p(x_0 | x_t), the chain's own x_0"
+    return np.stack(rows), info, {int(t): frozen[int(t)] for t in ts}
 
 
 def coarse_to_fine(diffusion, model, x_a: torch.Tensor, x_b: torch.Tensor, lambdas, steps, seed: int = 0) -> tuple:
@@ -120,7 +137,8 @@ def plot_progressive_quality(q: dict, path: Path) -> None:
         ax.plot(q["reverse_steps"], q[key], marker="o")
         ax.set(xlabel="Reverse process steps (T - t)", ylabel={"is": "Inception Score", "fid": "FID"}[key])
     fig.suptitle(f"Fig. 10: the predicted x_0 along the reverse process, {q['num_samples']} samples\n"
-                 f"(features: {q.get('extractor', 'Inception')})", fontsize=10)
+                 f"(features: {q.get('extractor', 'Inception')})"
+                 + (f"\n{q['fid_bias']}" if q.get("fid_bias") else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -133,11 +151,14 @@ def plot_progressive_quality(q: dict, path: Path) -> None:
 def add_args(p) -> None:
     """The options of Figs. 7, 9 and 10 on `eval figures`."""
     p.add_argument("--fig7-t", default=None,
-                   help="comma-separated 0-based t of the shared x_t (Fig. 7); default: T-1, 3T/4-1, T/2-1, T/4-1")
+                   help="comma-separated t of the split points, counted from 1 as in the paper (Fig. 7); "
+                   "default: T, 3T/4, T/2, T/4 (the paper's 1000, 750, 500, 250)")
     p.add_argument("--fig7-samples", type=int, default=3, help="samples of p(x_0 | x_t) per t (Fig. 7)")
     p.add_argument("--fig9-steps", default=None,
                    help="comma-separated diffusion steps before mixing (Fig. 9); default: 0, T/4, T/2, 3T/4, T")
-    p.add_argument("--fig10-samples", type=int, default=1000, help="samples scored at each step (Fig. 10)")
+    p.add_argument("--fig10-samples", type=int, default=1000,
+                   help="samples scored at each step (Fig. 10); FID below 50,000 is biased upward, "
+                   "and the output says so")
     p.add_argument("--fig10-points", type=int, default=11, help="evenly spaced steps scored (Fig. 10)")
     p.add_argument("--reference", default=None, help="FID reference shards (Fig. 10); default: data.shards")
     p.add_argument("--reference-count", type=int, default=None, help="first N reference images (Fig. 10)")
@@ -166,12 +187,15 @@ def make_more(loaded, model, x0: torch.Tensor, out: Path, which, args, *, shards
     d, T = loaded.diffusion, loaded.diffusion.num_timesteps
     numbers = {}
     if "7" in which:
-        ts = _ints(args.fig7_t, sorted({max(0, T * k // 4 - 1) for k in (4, 3, 2, 1)}, reverse=True),
-                   "--fig7-t", 0, T - 1)
-        grid, info = shared_latent_samples(d, model, x0[:1], ts, args.fig7_samples, seed)
+        ts = _ints(args.fig7_t, sorted({max(1, T * k // 4) for k in (4, 3, 2, 1)}, reverse=True),
+                   "--fig7-t", 1, T)
+        k = loaded.recipe.model.unet_kwargs()
+        shape = (1, k.get("in_channels", 3), k["resolution"], k["resolution"])
+        grid, info, _ = split_chain_samples(d, model, shape, sorted({t - 1 for t in ts}, reverse=True),
+                                            args.fig7_samples, seed, device)
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig7_shared_latent.png", ncol=grid.shape[1])
         write_json(out / "fig7_shared_latent.json", info, indent=1)
-        numbers["fig7"] = {"t_0based": info["t_0based"], "pairwise_rmse_0_255": info["pairwise_rmse_0_255"]}
+        numbers["fig7"] = {"t_paper": info["t_paper"], "pairwise_rmse_0_255": info["pairwise_rmse_0_255"]}
     if "9" in which:
         steps = _ints(args.fig9_steps, sorted({T * k // 4 for k in range(5)}), "--fig9-steps", 0, T)
         lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
@@ -183,7 +207,8 @@ def make_more(loaded, model, x0: torch.Tensor, out: Path, which, args, *, shards
         q = _fig10(loaded, model, args, shards=shards, seed=seed, device=device)
         plot_progressive_quality(q, out / "fig10_progressive_quality.png")
         write_json(out / "fig10_progressive_quality.json", q, indent=1)
-        numbers["fig10"] = {"fid_at_end": q["fid"][-1], "is_at_end": q["is"][-1] if q.get("is") else None}
+        numbers["fig10"] = {"fid_at_end": q["fid"][-1], "is_at_end": q["is"][-1] if q.get("is") else None,
+                            "num_samples": q["num_samples"], "fid_bias": q.get("fid_bias")}
     return numbers
 
 
@@ -220,4 +245,16 @@ def _fig10(loaded, model, args, *, shards: str, seed: int, device) -> dict:
                                "classifier (pass --inception-weights)")
     if any(not math.isfinite(v) for v in q["fid"]):
         raise EvalError("Fig. 10: a non-finite FID; use more --fig10-samples")
+    if q["num_samples"] < PAPER_FID_SAMPLES:
+        q["fid_bias"] = fid_bias_note(q["num_samples"])
     return q
+
+
+PAPER_FID_SAMPLES = 50_000  # Table 1's FID protocol
+
+
+def fid_bias_note(n: int) -> str:
+    """FID's estimator is biased upward at finite N (the bias falls roughly as 1/N, Chong & Forsyth
+    2020), so a curve from N < 50,000 samples sits above the paper's protocol at every point."""
+    return (f"FID from {n} samples is biased upward against the paper's {PAPER_FID_SAMPLES:,}: compare "
+            f"points within this curve, not with Table 1 (more: --fig10-samples)")

@@ -1,4 +1,4 @@
-"""`eval nll`: the test-set negative log likelihood bound in bits/dim (eq. 5, Table 2).
+"""`eval nll`: the test-set negative log likelihood bound in bits/dim (eq. 5, Table 1).
 
 For every test image: all T terms (L_0 with the discretized decoder of eq. 13, the KL terms
 L_1..L_{T-1} of eq. 5) plus the prior L_T, through `GaussianDiffusion.calc_bpd` with

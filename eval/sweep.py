@@ -1,12 +1,16 @@
 """`eval sweep RUN`: the FID of every EMA snapshot of a run, and the best one.
 
-The paper reports every metric at the checkpoint with the best FID found during training
-(App. B). Training keeps EMA-only snapshots in RUN/snapshots/ (`train.snapshot_every`,
-pipeline/snapshots.py); this command scores each of them exactly as `eval fid` does, one
-output folder per snapshot:
+The selection (App. B): the paper reports every metric at the checkpoint with the minimum FID
+over the course of training. Training keeps EMA-only snapshots in RUN/snapshots/
+(`train.snapshot_every`, set in every paper recipe; pipeline/snapshots.py); this command scores
+each of them exactly as `eval fid` does (same samples, reference and Inception network), and the
+best is the argmin of those FIDs, the earliest step on a tie. The FID that picks the snapshot is
+the FID reported for it, as in the paper, so it is the minimum of noisy estimates: slightly
+optimistic, by about the spread of FID between sample sets of this size. `--every k` thins the
+candidates (the last snapshot is always one). One output folder per snapshot:
 
     OUT/step-00010000/         samples (resumable chunks) and results.json of that snapshot
-    OUT/sweep.json             step, FID and folder of every scored snapshot, and the best
+    OUT/sweep.json             step, FID and folder of every scored snapshot, the best, and the rule
     OUT/sweep.png              FID against training step
 
 A snapshot whose results.json already holds an FID of the asked number of samples is not
@@ -27,14 +31,17 @@ from eval.sample import add_sampling_options
 from pipeline.atomic import atomic_path, write_json
 from pipeline.snapshots import list_snapshots
 
+SELECTION = ("minimum FID over the scored EMA snapshots, the earliest on a tie (App. B: metrics are "
+             "reported at the checkpoint with the minimum FID over the course of training)")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="FID of every EMA snapshot of a run (resumable); names the best",
         description="Scores each RUN/snapshots/step-N.safetensors with `eval fid` (same options), "
         "writes OUT/sweep.json and OUT/sweep.png (FID against training step) and names the "
-        "snapshot with the best FID, the one the paper reports its metrics at. Rerunning resumes: "
-        "finished snapshots are not recomputed.")
+        "snapshot with the minimum FID, the one the paper reports its metrics at (App. B). Rerunning "
+        "resumes: finished snapshots are not recomputed.")
     p.add_argument("run", help="run directory (its snapshots/ folder, written when train.snapshot_every > 0)")
     p.add_argument("--out", default=None, help="output directory (default: RUN/sweep)")
     p.add_argument("--device", default=None, help="torch device; default: the process's accelerator device")
@@ -88,7 +95,7 @@ def _write(out: Path, run: Path, rows: list[dict]) -> None:
     if not _is_main():
         return
     best = min(rows, key=lambda r: r["fid"])
-    write_json(out / "sweep.json", {"run": str(run), "snapshots": rows, "best": best})
+    write_json(out / "sweep.json", {"run": str(run), "snapshots": rows, "best": best, "selection": SELECTION})
     plot(rows, out / "sweep.png", best)
 
 

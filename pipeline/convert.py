@@ -9,11 +9,15 @@ schedule; `ddpm_scheduler_config` and `diffusion_settings_from_diffusers` map ou
 section to its config and back. diffusers is not imported here: this is pure key/config mapping,
 and a layout we cannot represent is a ValueError naming the key.
 
-A learned Sigma (the original's `learned` variance type, Table 2) is a `UNet2DModel` with
-2C output channels and `variance_type="learned"`. Beware one difference: the original's (and
-our) second half of the output is log sigma^2, while diffusers' `DDPMScheduler.step` reads
-the second half as sigma^2 itself under "learned"; exponentiate it before `step`
-(`torch.cat([eps, logvar.exp()], 1)`), as tests/test_learned_variance.py checks.
+A learned Sigma (the original's `learned` variance type, Table 2) has 2C output channels, and
+its weights map to a 2C-channel `UNet2DModel` like any other. Its scheduler does not: the
+original's (and our) second half of the output is log sigma^2, while diffusers'
+`variance_type="learned"` means sigma^2 itself (`DDPMScheduler.step` takes its square root).
+Neither direction has a faithful config, so both are refused: `ddpm_scheduler_config` for our
+learned Sigma, `diffusion_settings_from_diffusers` for a diffusers "learned" model (read as
+ours, its sigma^2 would be taken for log sigma^2). To step diffusers' scheduler with one of our
+outputs, exponentiate the second half first (`torch.cat([eps, logvar.exp()], 1)`), as
+tests/test_learned_variance.py checks.
 """
 
 from __future__ import annotations
@@ -175,12 +179,21 @@ def _as_list(x, n):
     return list(x) if isinstance(x, (list, tuple)) else [x] * n
 
 
+# diffusers' "learned" is sigma^2, ours (the original's) log sigma^2: refused both ways (docstring).
+LEARNED_IS_LOG_VARIANCE = (
+    "variance_type 'learned': diffusers reads the second half of the output as sigma^2, this "
+    "pipeline (like the original) as log sigma^2; a diffusers 'learned' model cannot be read as ours, "
+    "nor ours written as one")
+
+
 def ddpm_scheduler_config(diffusion) -> dict:
     """diffusers' DDPMScheduler config for our `diffusion` recipe section (the paper's schedule);
     ValueError for a parameterisation diffusers has no name for."""
     pred = {"eps": "epsilon", "x0": "sample"}.get(diffusion.mean_type)
     if pred is None:
         raise ValueError(f"diffusion.mean_type={diffusion.mean_type!r} has no diffusers equivalent")
+    if diffusion.var_type == "learned":
+        raise ValueError(LEARNED_IS_LOG_VARIANCE)
     return {"_class_name": "DDPMScheduler", "num_train_timesteps": diffusion.timesteps,
             "beta_start": diffusion.beta_start, "beta_end": diffusion.beta_end, "beta_schedule": "linear",
             "trained_betas": None, "variance_type": diffusion.var_type, "clip_sample": True,
@@ -201,26 +214,25 @@ def diffusion_settings_from_diffusers(unet_config: dict, scheduler: dict | None)
     if scheduler.get("trained_betas") is not None or scheduler.get("beta_schedule", "linear") != "linear":
         raise ValueError(f"beta_schedule {scheduler.get('beta_schedule')!r} is not the paper's linear schedule")
     var = scheduler.get("variance_type", "fixed_small")
-    if var not in ("fixed_small", "fixed_large", "learned"):
-        raise ValueError(f"variance_type {var!r} is not supported (want fixed_small, fixed_large or learned)")
-    learned = _learned_settings(unet_config, var)
+    if var == "learned":
+        raise ValueError(LEARNED_IS_LOG_VARIANCE)
+    if var not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance_type {var!r} is not supported (want fixed_small or fixed_large)")
+    _fixed_variance_channels(unet_config, var)
     pred = {"epsilon": "eps", "sample": "x0"}.get(scheduler.get("prediction_type", "epsilon"))
     if pred is None:
         raise ValueError(f"prediction_type {scheduler.get('prediction_type')!r} is not supported")
     try:
         return {"timesteps": int(scheduler.get("num_train_timesteps", 1000)),
                 "beta_start": float(scheduler.get("beta_start", 1e-4)),
-                "beta_end": float(scheduler.get("beta_end", 0.02)), "mean_type": pred, "var_type": var,
-                **learned}
+                "beta_end": float(scheduler.get("beta_end", 0.02)), "mean_type": pred, "var_type": var}
     except (TypeError, ValueError) as e:
         raise ValueError(f"num_train_timesteps / beta_start / beta_end must be numbers: {e}") from None
 
 
-def _learned_settings(unet_config: dict, var: str) -> dict:
-    """variance_type "learned" needs the 2C-channel U-Net, and such a model is trained on the
-    bound L (the original's only loss for it); a 2C-channel U-Net needs "learned"."""
+def _fixed_variance_channels(unet_config: dict, var: str) -> None:
+    """A fixed variance needs a U-Net with as many outputs as inputs (twice as many is a learned one)."""
     c_in, c_out = unet_config.get("in_channels", 3), unet_config.get("out_channels", 3)
-    if (var == "learned") != (c_out == 2 * c_in):
+    if c_out != c_in:
         raise ValueError(f"variance_type {var!r} with a U-Net of {c_in} input and {c_out} output channels "
-                         f"(a learned variance has twice as many outputs as inputs)")
-    return {"loss_type": "vlb"} if var == "learned" else {}
+                         f"(a fixed variance has as many outputs as inputs; a learned one twice as many)")

@@ -12,7 +12,7 @@ so sample i is a seek + read, and the data order is index arithmetic:
   r of it (B consecutive positions). Batches may straddle an epoch boundary; every sample is
   seen exactly once per epoch; the order does not depend on the world size.
 - The horizontal flip of a sample is a bit drawn from (seed, epoch, index) (the paper flips
-  every data set but LSUN cat), so it survives resume and does not depend on worker count.
+  every data set but LSUN Bedroom, App. B), so it survives resume and does not depend on worker count.
 - DataLoader workers receive whole batches (index lists) in order, so `num_workers` never
   changes the result; the position (`state_dict()["position"]`, global samples consumed)
   advances only when a batch is handed to the trainer, so prefetching does not shift it.
@@ -328,7 +328,7 @@ class TrainLoader:
     """Endless iterator of float32 [batch_size, 3, H, W] batches in [-1, 1] for one rank.
 
     source: a data_prep folder / manifest.json (or a tar glob pattern or list); batch_size: per
-    rank; seed: the data order and flips; random_flip: off for LSUN cat; num_workers: DataLoader
+    rank; seed: the data order and flips; random_flip: off for LSUN Bedroom (App. B); num_workers: DataLoader
     processes (never changes the result); max_corrupt: distinct corrupt samples tolerated.
     Extras: split ("train"), decoder ("pil" | "torchvision"), dtype (torch.uint8 yields [0, 255]
     uint8, 4x less to move between processes and to the GPU; scale there with x / 127.5 - 1),

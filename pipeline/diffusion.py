@@ -309,7 +309,7 @@ class GaussianDiffusion:
         return sampling.ddim_sample_loop(self, model, shape, steps, eta=eta, generator=generator,
                                          progress=progress, device=device, x_T=x_T)
 
-    def interpolate(self, model, x0_a, x0_b, lambdas, t: int = 500, generator: Generator = None,
+    def interpolate(self, model, x0_a, x0_b, lambdas, t: int = 499, generator: Generator = None,
                     progress: bool = False):
         return sampling.interpolate(self, model, x0_a, x0_b, lambdas, t=t, generator=generator,
                                     progress=progress)

@@ -101,9 +101,11 @@ def ddim_sample_loop(diffusion, model, shape, steps: int, eta: float = 0.0, gene
 
 
 @torch.no_grad()
-def interpolate(diffusion, model, x0_a, x0_b, lambdas, t: int = 500, generator=None,
+def interpolate(diffusion, model, x0_a, x0_b, lambdas, t: int = 499, generator=None,
                 progress: bool = False):
     """Fig. 8: encode x0_a, x0_b to x_t ~ q(x_t | x_0), decode (1 - l) x_t + l x_t' for each l.
+
+    `t` is 0-based like every step index here: the default 499 is the paper's t = 500.
 
     x0_a, x0_b: [N, C, H, W] pairs. The reverse-process noise is shared across the lambdas
     of a pair (as in the paper's figure), so rows differ only by the interpolated latent.

@@ -5,10 +5,10 @@ Every `train.snapshot_every` steps the main process writes
     RUN/snapshots/step-00010000.safetensors   the EMA weights (float32, UNet state_dict keys)
     RUN/snapshots/config.yaml                 the resolved recipe (so each file loads alone)
 
-A snapshot is a few MB at 35.7M parameters (no optimizer, no raw weights), and
-`train.keep_checkpoints` pruning never touches this folder, so the checkpoint with the best
-FID, the one the paper reports every metric at (App. B), is still there when `python -m eval
-sweep RUN` looks for it. Each file is renamed into place when whole (pipeline/atomic.py).
+A snapshot is 4 bytes a parameter (143 MB at 35.7M, 455 MB at 114M; no optimizer, no raw
+weights; every paper recipe's total is in the README), and `train.keep_checkpoints` pruning
+never touches this folder, so the checkpoint with the best FID, the one the paper reports every
+metric at (App. B), is still there when `python -m eval sweep RUN` looks for it. Each file is renamed into place when whole (pipeline/atomic.py).
 """
 
 from __future__ import annotations

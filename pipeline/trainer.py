@@ -1,7 +1,8 @@
 """The training loop: Accelerate (DDP, multi-node, DeepSpeed ZeRO-1/2), EMA, exact resume.
 
-As in the paper (Sec. 4, App. B): Adam (eps 1e-8), linear warmup, global-norm clipping at 1.0,
-EMA of the weights, the L_simple objective of eq. 14 (or the recipe's loss_type).
+As in the paper (Sec. 4, App. B): Adam (eps 1e-8), EMA of the weights, the L_simple objective of
+eq. 14 (or the recipe's loss_type); as in the released run_*.py (not stated in the paper): linear
+warmup over 5000 steps and gradient clipping at norm 1.0.
 
 Determinism: every random draw is a function of (seed, position in the global sample stream)
 or (seed, rank, step), never of how long the process has been running:

@@ -28,6 +28,9 @@ ROWS = {
 }
 DEFINING = {"diffusion.mean_type", "diffusion.var_type", "diffusion.loss_type", "model.out_channels",
             "run.name", "run.output_dir"}
+# Rows trained on the bound L or predicting mu-tilde train in float32 (a bf16 output puts a floor
+# under L: bench/bound_precision.py); eps with L_simple keeps cifar10.yaml's bf16.
+FP32_ROWS = {"mu_L_learned", "mu_L_fixed", "mu_mse", "eps_L_learned", "eps_L_fixed"}
 
 
 def flat(d: dict, prefix: str = "") -> dict:
@@ -48,8 +51,11 @@ def test_the_rows_are_there_and_differ_only_in_their_defining_lines():
         text = path.read_text()
         row = flat(yaml.safe_load(text))
         changed = {k for k in base.keys() | row.keys() if base.get(k) != row.get(k)}
-        assert changed <= DEFINING, (name, changed - DEFINING)
+        allowed = DEFINING | ({"train.mixed_precision"} if name in FP32_ROWS else set())
+        assert changed <= allowed, (name, changed - allowed)
         r = load_recipe(path)
+        assert r.train.mixed_precision == ("no" if name in FP32_ROWS else "bf16"), name
+        assert (name in FP32_ROWS) == (r.diffusion.loss_type == "vlb" or r.diffusion.mean_type == "mu"), name
         assert (r.diffusion.mean_type, r.diffusion.var_type, r.diffusion.loss_type) == (mean, var, loss), name
         assert r.model.unet_kwargs().get("out_channels", 3) == (6 if var == "learned" else 3)
         header = text.split("\nmodel:")[0]

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from eval.common import load_model
-from eval.figures import rate_distortion
+from eval.figures import interpolation, rate_distortion
 from eval.nll import iter_float
 from support.cli import run_eval
 from support.folder_shards import make_folder_shards
@@ -43,11 +43,20 @@ def test_cli_figures_writes_pngs_and_numbers(tmp_path):
     assert fig6["t_shown_0based"][0] == 39 and fig6["t_shown_0based"][-1] == 0
     assert (w, h) == (2 + cols * (8 + 2), 2 + 3 * (8 + 2))
     fig8 = json.loads((out / "fig8_interpolation.json").read_text())
-    assert fig8["lambdas"] == [0.0, 0.5, 1.0] and fig8["t_0based"] == 20
+    # --interp-t counts as the paper does (from 1, like Fig. 9's steps): t = 20 is the 0-based index 19
+    assert fig8["lambdas"] == [0.0, 0.5, 1.0] and fig8["t_paper"] == 20 and fig8["t_0based"] == 19
+    loaded = load_model(str(ck))
+    x = next(iter_float(str(shards), "test", 4))
+    at = {t: interpolation(loaded.diffusion, loaded.model.eval(), x[:2], x[2:4], [0.0, 0.5, 1.0], t=t)
+          for t in (19, 20)}
+    rmse0 = {t: float(np.sqrt(((g[:, 1].astype(np.float64) - g[:, 0]) ** 2).mean())) for t, g in at.items()}
+    assert abs(fig8["rmse_lambda0_vs_a"] - rmse0[19]) < 1e-9 and abs(rmse0[20] - rmse0[19]) > 1e-6
     w, h = Image.open(out / "fig8_interpolation.png").size
     assert (w, h) == (2 + 5 * 10, 2 + fig8["pairs"] * 10)
     res = json.loads((out / "results.json").read_text())["evaluations"]["figures"]
     assert set(res["metrics"]) == {"fig5", "fig6", "fig8"}
-    # a wrong figure name is a one-line error
+    # a wrong figure name, or a t outside 1..T, is a one-line error
+    r = run_eval("figures", ck, "--out", out, "--which", 8, "--interp-t", 0, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--interp-t 0" in r.stderr
     r = run_eval("figures", ck, "--out", out, "--which", 11, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "'11'" in r.stderr

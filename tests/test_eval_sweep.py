@@ -67,6 +67,7 @@ def test_sweep_resumes_after_kill_and_names_the_best(tmp_path):
         ev = json.loads((out / f"step-{step:08d}" / "results.json").read_text())["evaluations"]["fid"]
         assert ev["metrics"]["fid"] == fid and ev["protocol"]["num_samples_scored"] == 16
     assert sweep["best"]["fid"] == min(fids.values()) and len(set(fids.values())) == 4
+    assert sweep["selection"].startswith("minimum FID") and "App. B" in sweep["selection"]
     assert json.loads(r.stdout.strip().splitlines()[-1])["best_snapshot"] == sweep["best"]["snapshot"]
     assert (out / "sweep.png").stat().st_size > 1000
     # the best snapshot scored on its own by `eval fid` gives the same number

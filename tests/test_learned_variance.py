@@ -23,6 +23,7 @@ from pipeline.convert import (
 )
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
 from pipeline.hub import load_pretrained
+from pipeline.weights import LoadError
 from support.cli import run_eval
 from support.folder_shards import make_folder_shards
 from support.model import TINY_UNET_8PX, make_checkpoint
@@ -157,27 +158,28 @@ def test_diffusers_round_trip_and_scheduler_step(tmp_path):
     ref.load_state_dict(to_diffusers(ours.state_dict()), strict=True)
     back = from_diffusers(ref.state_dict())
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
-    sched_cfg = ddpm_scheduler_config(recipe.diffusion)
-    assert sched_cfg["variance_type"] == "learned"
-    settings = diffusion_settings_from_diffusers(cfg, sched_cfg)
-    assert DiffusionConfig(**settings) == recipe.diffusion
-    # the saved diffusers layout loads back through load_pretrained as a learned-Sigma model
+    # diffusers' "learned" is sigma^2, ours log sigma^2: no scheduler config says what ours is,
+    # and a diffusers "learned" model (a third party's sigma^2) is refused, not misread
+    with pytest.raises(ValueError, match="log sigma\\^2"):
+        ddpm_scheduler_config(recipe.diffusion)
+    sched_cfg = {**ddpm_scheduler_config(DiffusionConfig(timesteps=1000)), "variance_type": "learned"}
+    with pytest.raises(ValueError, match="reads the second half of the output as sigma\\^2"):
+        diffusion_settings_from_diffusers(cfg, sched_cfg)
     folder = tmp_path / "diffusers"
     ref.save_pretrained(folder)
     (folder / "scheduler_config.json").write_text(json.dumps(sched_cfg))
-    p = load_pretrained(folder)
-    assert p.diffusion.var_type == "learned" and p.recipe.diffusion.loss_type == "vlb"
+    with pytest.raises(LoadError, match="scheduler_config.json: variance_type 'learned'"):
+        load_pretrained(folder)
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([7, 400])
     with torch.no_grad():
         out = ours(x, t)
-        torch.testing.assert_close(p.model(x, t), out, rtol=0, atol=0)
         torch.testing.assert_close(ref(x, t).sample, out, rtol=0, atol=1e-5)
     # DDPMScheduler's "learned" reads sigma^2 where the original outputs log sigma^2: with the
     # second half exponentiated, its step is our ancestral step
     # (in float64: diffusers keeps its schedule in float32, which alone differs by 1e-5)
     sched = diffusers.DDPMScheduler.from_config(sched_cfg)
-    d = p.diffusion
+    d = build.diffusion(recipe.diffusion)
     sched.alphas_cumprod = d.alphas_cumprod.clone()
     x1 = x[:1].double()
     for step in (400, 1):
@@ -189,8 +191,8 @@ def test_diffusers_round_trip_and_scheduler_step(tmp_path):
         o_diff = torch.cat([o[:, :3], o[:, 3:].exp()], 1)
         theirs = sched.step(o_diff, step, x1, generator=torch.Generator().manual_seed(9)).prev_sample
         torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="twice as many outputs"):
-        diffusion_settings_from_diffusers(diffusers_config({**ours.config, "out_channels": 3}), sched_cfg)
+    with pytest.raises(ValueError, match="a learned one twice as many"):
+        diffusion_settings_from_diffusers(cfg, {**sched_cfg, "variance_type": "fixed_large"})
 
 
 def test_the_bound_is_minimised_by_the_posterior_variance():
