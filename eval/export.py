@@ -49,7 +49,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, format: str = "nat
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-stage-", dir=out.parent) as stage, \
             tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as build:
-        files = stage_push(src, Path(stage), repo_id=repo_id or str(out), format=format, results=results,
+        # The card names the model by the folder's name, not a local path (eval/public.py).
+        files = stage_push(src, Path(stage), repo_id=repo_id or out.name, format=format, results=results,
                            samples=list(samples), command=command)
         for name, path in files.items():
             dest = Path(build) / name
@@ -73,7 +74,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
     p.add_argument("--format", choices=("native", "diffusers"), default="native",
                    help="native: our layout; diffusers: DDPMPipeline.from_pretrained opens it")
-    p.add_argument("--repo-id", default=None, help="the name the model card uses (default: the --out path)")
+    p.add_argument("--repo-id", default=None, help="the name the model card uses (default: the --out folder's name)")
     p.add_argument("--results", default=None, help="results.json to include (default: the checkpoint's or run's)")
     p.add_argument("--samples", nargs="*", default=None, help="sample grids to include (default: the run's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")

@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Iterable
 
 import httpx2
+import yaml
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from eval.diffusers_layout import stage_diffusers_pipeline
 from eval.model_card import render_model_card
+from eval.public import public_recipe, public_tree
 from pipeline import atomic
 from pipeline.config import RecipeError, load_recipe
 from pipeline.errors import UserError
@@ -150,7 +152,10 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
     unet_kwargs = recipe.model.unet_kwargs()
     sha = file_sha256(weights)
     parameters = sum(t.numel() for t in state.values())
-    files: dict[str, Path] = {"config.yaml": config, "config.json": out / "config.json"}
+    # No absolute local path leaves this machine (eval/public.py): the recipe, results and card
+    # name local data and runs by their folder name, Hub data sets by their id.
+    atomic.write_text(out / "config.yaml", yaml.safe_dump(public_recipe(recipe.to_dict()), sort_keys=False))
+    files: dict[str, Path] = {"config.yaml": out / "config.yaml", "config.json": out / "config.json"}
     ema = weights.name != "model.safetensors"  # a checkpoint without EMA weights pushes its raw ones
     if format == "native":
         name = "ema.safetensors" if ema else "model.safetensors"
@@ -167,7 +172,9 @@ def stage_push(src: str | os.PathLike, out: Path, *, repo_id: str, format: str =
             raise PushError(f"{e}; push --format native") from None
         del files["config.json"]  # the pipeline's files say it all: model_index.json, unet/, scheduler/
     if results_path is not None:
-        files["results.json"] = results_path
+        results_data = public_tree(results_data)
+        atomic.write_json(out / "results.json", results_data)
+        files["results.json"] = out / "results.json"
     for s in samples:
         files[f"samples/{Path(s).name}"] = Path(s)
     card = render_model_card(recipe, results_data, repo_id=repo_id, format=format, step=step, weights_sha256=sha, ema=ema,

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
+from eval.public import hub_dataset_id, public_path, public_text
+
 TASK = "unconditional-image-generation"
 # run/preset names -> (dataset id, display name)
 _DATASETS = {
@@ -32,14 +34,30 @@ _HEADLINE = {("fid", "fid"): ("fid", "FID"), ("is", "is"): ("inception_score", "
 
 
 def _dataset(recipe) -> tuple[str, str]:
+    hub = hub_dataset_id(recipe.data.shards)
+    if hub:
+        return hub, hub
     keys = [recipe.run.name or "", recipe.data.shards or "", recipe.model.preset or ""]
     for key in keys:
         norm = key.lower().replace("-", "_")
         for k, v in _DATASETS.items():
             if k in norm:
                 return v
-    name = Path(recipe.data.shards).name if recipe.data.shards else "unknown"
+    name = public_path(recipe.data.shards) if recipe.data.shards else "unknown"
     return name, name
+
+
+def hub_datasets(recipe, manifest: dict) -> list[str] | None:
+    """The card's `datasets:`: Hub data set ids only. The shards' own repo, else the Hub data set
+    `data_prep hf` converted, else CIFAR-10's canonical id; a local folder is no Hub id."""
+    hub = hub_dataset_id(recipe.data.shards)
+    src = manifest.get("source")
+    if not hub and manifest.get("dataset") == "hf" and isinstance(src, str) and not Path(src).is_absolute() \
+            and not Path(src).exists():
+        hub = src
+    if not hub and _dataset(recipe)[0] == "cifar10":
+        hub = "cifar10"
+    return [hub] if hub else None
 
 
 def _manifest(recipe) -> dict:
@@ -66,6 +84,8 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
                       command: str | None = None, files: list[str] = (), trainer_state: dict | None = None,
                       ema: bool = True) -> str:
     ds_id, ds_name = _dataset(recipe)
+    manifest = _manifest(recipe)
+    command = public_text(command) if isinstance(command, str) else command
     rows = metric_rows(results)
     evals = []
     for name, metric, value, protocol in rows:
@@ -86,7 +106,7 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
         pipeline_tag=TASK,
         tags=["ddpm", "diffusion", "unconditional-image-generation", "pytorch", "safetensors"]
         + (["diffusers:DDPMPipeline"] if format == "diffusers" else ["ddpm-pipeline"]),
-        datasets=[ds_id],
+        datasets=hub_datasets(recipe, manifest),
         model_name=repo_id,
         eval_results=evals or None,
     )
@@ -100,9 +120,9 @@ def render_model_card(recipe, results: dict | None, *, repo_id: str, format: str
                else "The weights are the raw training weights (the checkpoint had no EMA weights)")
             + (f" after {step:,} steps." if step is not None else "."), ""]
     out += _results_section(rows, results)
-    out += _training_section(recipe, step, ts, command, _manifest(recipe))
+    out += _training_section(recipe, step, ts, command, manifest)
     out += _model_section(recipe, parameters, weights_sha256)
-    out += _load_section(repo_id, format)
+    out += _load_section(repo_id, format, recipe.diffusion.timesteps)
     if files:
         out += ["## Files", ""] + [f"- `{f}`" for f in files] + [""]
     out += ["## Citation", "", "```bibtex", "@inproceedings{ho2020denoising,",
@@ -138,14 +158,15 @@ def _training_section(recipe, step, ts: dict, command: str | None, manifest: dic
     cmd = command or ts.get("command") or "accelerate launch pipeline/train.py config.yaml"
     if isinstance(cmd, list):
         cmd = " ".join(cmd)
+    cmd = public_text(cmd)  # recorded at launch (pipeline/launcher.py); no local path in a public card
     out = ["## Training", "", "Command (the resolved recipe is `config.yaml` in this repo):", "", "```bash", cmd, "```", ""]
     out += ["Data set and preprocessing:", ""]
     if manifest:
         counts = manifest.get("counts") or manifest.get("splits") or {}
-        out.append(f"- source: {manifest.get('source', '?')}; resolution {manifest.get('resolution', '?')}; "
-                   f"samples per split: {json.dumps(counts)}")
-    out += [f"- images scaled to [-1, 1]; random horizontal flip: {'yes' if recipe.data.random_flip else 'no'}",
-            "- LSUN / CelebA-HQ: centre crop to the short side, antialiased resize (as in the original code)", ""]
+        out.append(f"- source: {manifest.get('dataset', '?')} {public_path(str(manifest.get('source', '?')))}; "
+                   f"resolution {manifest.get('resolution', '?')}; samples per split: {json.dumps(counts)}")
+    out += [f"- images scaled to [-1, 1]; random horizontal flip: {'yes' if recipe.data.random_flip else 'no'}"]
+    out += [_PREPROCESSING.get(manifest.get("dataset"), _PREPROCESSING[None]), ""]
     world = ts.get("world_size") or ts.get("num_processes")
     hw = ts.get("hardware") or ts.get("device") or ts.get("distributed_type")
     out += ["Optimisation and hardware:", "",
@@ -168,7 +189,16 @@ def _model_section(recipe, parameters, sha) -> list[str]:
     return out + [""]
 
 
-def _load_section(repo_id: str, format: str) -> list[str]:
+# What data_prep did to the images, by source (data_prep/preprocess.py); other sources' text is not shown.
+_PREPROCESSING = {
+    "cifar10": "- CIFAR-10's 32x32 images as published (no crop, no resize)",
+    "lsun": "- LSUN: centre crop to the short side, antialiased (Lanczos) resize, as ProGAN's dataset_tool "
+            "that the original code's TFRecords came from",
+    None: "- centre crop to the short side, antialiased (Lanczos) resize (data_prep/preprocess.py)",
+}
+
+
+def _load_section(repo_id: str, format: str, timesteps: int = 1000) -> list[str]:
     out = ["## How to load", "", "With ddpm-pipeline (any revision, our or diffusers' layout):", "", "```python",
            "from pipeline.hub import load_pretrained", "import torch", "",
            f'p = load_pretrained("{repo_id}")  # .model (U-Net), .diffusion, .recipe',
@@ -180,7 +210,9 @@ def _load_section(repo_id: str, format: str) -> list[str]:
     if format == "diffusers":
         # The Hub shows this snippet: the repo is a DDPMPipeline (model_index.json, unet/, scheduler/).
         out = out[:2] + ["With diffusers:", "", "```python", "from diffusers import DDPMPipeline",
-                         f'image = DDPMPipeline.from_pretrained("{repo_id}")().images[0]', "```", "",
+                         f'pipe = DDPMPipeline.from_pretrained("{repo_id}")',
+                         f"image = pipe(num_inference_steps={timesteps}).images[0]  # T = {timesteps}: the paper's sampler",
+                         "```", "",
                          "The scheduler config carries this model's T, betas, variance and x_0 clipping; "
                          "`num_inference_steps` below T is a strided schedule (beyond the paper).", ""] + out[2:]
     return out

@@ -37,6 +37,8 @@ def register(subparsers) -> None:
                    help="sample grid images to include (default: the run's grid for this checkpoint)")
     p.add_argument("--command", default=None, help="training command for the card (default: from the checkpoint)")
     p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--check-token", action="store_true",
+                   help="only check that the token can write to --repo-id (training's run.push_to_hub does, at launch)")
     p.add_argument("--max-retries", type=int, default=5, help="retries on transient HTTP errors (default 5)")
     p.set_defaults(func=run)
 
@@ -45,6 +47,15 @@ def run(args) -> int:
     # Imported here, not at the top: `python -m eval --help` registers this subcommand and must
     # not load the Hub client and the model card's dependencies.
     from eval.hub_push import push_to_hub
+
+    if args.check_token:
+        from huggingface_hub import HfApi
+
+        from eval.hub_push import check_token
+
+        check_token(HfApi(), args.repo_id)
+        print(f"the token can write to {args.repo_id}")
+        return 0
 
     # A PushError reaches `python -m eval`'s run_cli: one line, exit 2 (bad input), or exit 1
     # (PushFailedError: the Hub failed after the retries).

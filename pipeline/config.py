@@ -94,6 +94,10 @@ class TrainConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
     ema_decay: float = 0.9999
+    # EMA warm-up: decay min(ema_decay, (1 + n) / (10 + n)) at update n, so short and fine-tuning
+    # runs do not sample from their initial weights for ~1/(1 - decay) steps. Off: the paper's
+    # constant decay (every paper recipe).
+    ema_warmup: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     seed: int = 0
     checkpoint_every: int = 5000
@@ -143,6 +147,11 @@ class RunConfig:
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     wandb_project: Optional[str] = None  # None: $WANDB_PROJECT, else run.name (pipeline/trackers.py)
     wandb_entity: Optional[str] = None  # None: $WANDB_ENTITY, else the account's default
+    # Publish to this Hub model repo (namespace/name) at the end of training, with `eval push`'s
+    # code (pipeline/publish.py); hub_strategy checkpoint: every checkpoint too (diffusers' option).
+    push_to_hub: Optional[str] = None
+    hub_strategy: Literal["end", "checkpoint"] = "end"
+    push_format: Literal["native", "diffusers"] = "native"
 
 
 @dataclass

@@ -16,6 +16,14 @@ import torch
 from torch import nn
 
 
+def warmup_decay(decay: float, n: int) -> float:
+    """The decay of EMA update n (0-based) with train.ema_warmup: min(decay, (1 + n) / (10 + n)),
+    the warm-up of TensorFlow's ExponentialMovingAverage(num_updates) and diffusers' EMAModel
+    default. Update 0 uses 0.1; 0.9999 is reached after ~90,000 updates, so a paper-length run
+    ends where the constant decay would, while a short run's EMA follows its weights early on."""
+    return min(decay, (1.0 + n) / (10.0 + n))
+
+
 class EMA:
     """shadow <- decay * shadow + (1 - decay) * param, for every parameter of `model`."""
 
@@ -28,14 +36,15 @@ class EMA:
         self.shadow = [p.detach().to(device or p.device, torch.float32, copy=True) for _, p in named]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        """One EMA step; `decay` overrides self.decay for this step (the warm-up, `warmup_decay`)."""
         params = [p.detach() for p in model.parameters()]
         if len(params) != len(self.shadow):
             raise RuntimeError(f"EMA holds {len(self.shadow)} tensors, model has {len(params)}")
         if any(p.dtype != torch.float32 for p in params):
             params = [p.float() for p in params]
         # lerp(a, b, w) = a + w (b - a) = decay * a + (1 - decay) * b: the EMA in one fused call.
-        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, params, 1.0 - (self.decay if decay is None else decay))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """A copy of the EMA weights under the model's own state_dict keys (float32, on CPU)."""

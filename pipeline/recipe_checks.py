@@ -9,6 +9,7 @@ non-empty ch_mult, a resolution that the down-sampling divides). No torch here.
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable
 
 from pipeline.presets import PRESETS
@@ -28,6 +29,9 @@ def check(r, need: Callable[[bool, str, str], None]) -> None:
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(d.max_corrupt >= 0, "data.max_corrupt", "must be >= 0")
     _train(r.train, need)
+    hub = r.run.push_to_hub
+    need(hub is None or re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", hub) is not None, "run.push_to_hub",
+         f"{hub!r} is not a Hub repo id (namespace/name)")
     e = r.eval
     need(e.num_samples > 0, "eval.num_samples", "must be positive")
     for key in ("batch_size", "ddim_steps", "nll_batch_size", "nll_t_batch"):

@@ -6,8 +6,9 @@ One run folder is one tracker run, however often it is killed and relaunched:
   run.wandb_project, else $WANDB_PROJECT, else run.name; the entity run.wandb_entity, else
   $WANDB_ENTITY (wandb reads it), else the account's default. WANDB_MODE=offline works as usual.
 - TensorBoard: events go to RUN/logs/<run.name>/, the same folder on every launch; a resumed
-  launch opens its writer with purge_step = the resumed step, so steps logged after the last
-  checkpoint by a killed process are hidden instead of drawn twice.
+  launch opens its writer with purge_step = the resumed step + 1, so steps logged after the last
+  checkpoint by a killed process are hidden instead of drawn twice, and the resumed step's own
+  logs stay.
 Sample grids (and any other image) go to the tracker as images (`log_image`).
 """
 
@@ -54,7 +55,9 @@ def init_arguments(run_cfg, run_dir: str | os.PathLike, step: int) -> tuple[str,
         ident = wandb_identity(run_cfg, run_dir)
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        kwargs = {"id": ident["run_id"], "resume": "allow", "name": run_cfg.name, "dir": str(logs)}
+        # $WANDB_DIR, when set, is where the user keeps W&B's files; else the run's logs folder.
+        kwargs = {"id": ident["run_id"], "resume": "allow", "name": run_cfg.name,
+                  "dir": os.environ.get("WANDB_DIR") or str(logs)}
         if ident["entity"]:
             kwargs["entity"] = ident["entity"]
         return ident["project"], {"wandb": kwargs}
@@ -64,7 +67,9 @@ def init_arguments(run_cfg, run_dir: str | os.PathLike, step: int) -> tuple[str,
             atomic.write_json(Path(run_dir) / STATE_FILE,
                               {"tracker": "tensorboard", "run_id": run_cfg.name,
                                "logdir": str(Path(run_dir) / "logs" / run_cfg.name)})
-        return run_cfg.name, {"tensorboard": {"purge_step": step} if step > 0 else {}}
+        # The resumed step's own scalars and grid were logged before its checkpoint was saved:
+        # they stay; only what a killed process logged after it (steps > `step`) is hidden.
+        return run_cfg.name, {"tensorboard": {"purge_step": step + 1} if step > 0 else {}}
     return run_cfg.name, {}
 
 

@@ -12,6 +12,7 @@ a finished run exits 0; a bad recipe exits 2 before any work, with one line nami
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/train.py` runs this
 
 import yaml
 
+from pipeline import launcher, publish
 from pipeline.config import check_paths, load_recipe
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError, run_cli
 from pipeline.resume import choose_checkpoint
@@ -39,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="recipe overrides")
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="publish to this Hub model repo at the end of training (= run.push_to_hub=REPO; "
+                        "run.hub_strategy: checkpoint pushes every checkpoint too)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume-from", metavar="CKPT", default=None,
                    help="resume from this checkpoint directory (or a run directory's newest checkpoint) "
@@ -58,12 +63,19 @@ def run(args: argparse.Namespace, hooks=None) -> int:
     if args.dry_run:
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return EXIT_OK
+    if args.push_to_hub:
+        recipe.run.push_to_hub = args.push_to_hub
     check_paths(recipe, args.recipe)
+    launcher.check_precision(recipe.train.mixed_precision)  # the recipe decides; a launcher that disagrees is refused
+    launcher.recorded_command()  # the command as run, taken at launch for the checkpoints and the card
     recipe.model.unet_kwargs()  # the model section resolves (preset, sizes) before any work
     choose_checkpoint(recipe.run.output_dir, args.resume_from, args.no_resume)  # refused here, before torch loads
     # Imported here: torch, Accelerate and DeepSpeed take seconds to import, and --help,
     # --dry-run and a recipe refused above need none of them.
     from pipeline.trainer import train
+
+    if os.environ.get("RANK", "0") == "0":
+        publish.check_token(recipe.run)  # a token that cannot push fails now, not after training
 
     try:
         return train(recipe, hooks=hooks, resume_from=args.resume_from, no_resume=args.no_resume)

@@ -25,9 +25,7 @@ import importlib.util
 import json
 import math
 import os
-import shlex
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +36,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint, fast_path, integrity, resume, snapshots, trackers
+from pipeline import build, checkpoint, fast_path, integrity, launcher, publish, resume, snapshots, trackers
 from pipeline.atomic import atomic_path
 from pipeline.clipping import ReplicaClipper, make_clipper, replica_micro_batch
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
 from pipeline.data import TrainLoader
 from pipeline.diffusion import GaussianDiffusion, NoiseDraw
-from pipeline.ema import EMA
+from pipeline.ema import EMA, warmup_decay
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError
 from pipeline.hardware import precision_problem
 from pipeline.hub import load_pretrained
@@ -75,8 +73,10 @@ def batch_layout(global_batch: int, world_size: int, micro_batch: Optional[int])
     micro * world_size * accumulation == global batch (asserted)."""
     if micro_batch is None:
         if global_batch % world_size:
+            # No micro batch can fix it: micro x processes x accumulation must equal the global batch.
             raise RecipeError(f"train.global_batch_size={global_batch} is not divisible by the "
-                              f"{world_size} processes; set train.micro_batch_size")
+                              f"{world_size} processes; choose a multiple of {world_size} "
+                              f"(e.g. {global_batch - global_batch % world_size or world_size})")
         micro_batch = global_batch // world_size
     per_step = micro_batch * world_size
     if global_batch % per_step:
@@ -131,6 +131,7 @@ class Runtime:
     is_deepspeed: bool
     micro: int  # samples per process per micro-step
     accum: int  # micro-steps per optimizer step
+    precision: str = "no"  # the effective one: the recipe's, or what a DeepSpeed JSON enables
 
     @property
     def device(self) -> torch.device:
@@ -163,7 +164,10 @@ def setup_runtime(recipe: Recipe) -> Runtime:
     problem = precision_problem(precision, acc.device.type, deepspeed=is_ds)
     if problem:
         raise RecipeError(f"train.mixed_precision={precision}: {problem}")
-    return Runtime(acc, acc.num_processes, acc.process_index, acc.is_main_process, is_ds, micro, accum)
+    if acc.is_main_process:
+        print(f"precision: {precision} ({'the DeepSpeed JSON' if precision != tc.mixed_precision else 'train.mixed_precision'})",
+              flush=True)
+    return Runtime(acc, acc.num_processes, acc.process_index, acc.is_main_process, is_ds, micro, accum, precision)
 
 
 def make_accelerator(recipe: Recipe, accum: int) -> Accelerator:
@@ -339,6 +343,8 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
                 break
             if due and (state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps):
                 save(recipe, rt, parts, state, hooks)
+                if rt.main and recipe.run.push_to_hub and recipe.run.hub_strategy == "checkpoint":
+                    publish.push_step(recipe.run, state.step, final=False)
     except NonFiniteLossError as e:
         newest = checkpoint.latest_checkpoint(run_dir)
         e.args = (f"{e}; the newest good checkpoint is {newest or 'none (no checkpoint was saved)'}",)
@@ -349,6 +355,10 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
         if progress is not None:
             progress.close()
         rt.acc.end_training()
+    if rt.main:
+        print(outputs_line(recipe), flush=True)
+        if code == EXIT_OK and recipe.run.push_to_hub:  # once per step: a requeued finished job skips it
+            publish.push_step(recipe.run, state.step, final=True)
     return code
 
 
@@ -398,7 +408,7 @@ def train_step(rt: Runtime, parts: Parts, state: TrainState, tc: TrainConfig, st
         if acc.optimizer_step_was_skipped:  # fp16 scaler found inf/nan gradients
             state.fp16_overflows += 1
         else:
-            parts.ema.update(parts.net)
+            parts.ema.update(parts.net, warmup_decay(tc.ema_decay, step) if tc.ema_warmup else None)
     if not bad:  # a skipped step is not counted: the step number, lr and schedule stay where they were
         state.step = step + 1
     return StepResult(lr, 0.0 if bad else loss_sum / rt.accum, gnorm, bad, stop_any)
@@ -490,13 +500,22 @@ def save(recipe: Recipe, rt: Runtime, parts: Parts, state: TrainState, hooks: Ho
         "world_size": rt.world, "global_batch_size": tc.global_batch_size,
         "micro_batch_size": rt.micro, "grad_accum": rt.accum, "seed": tc.seed,
         "nonfinite_total": state.nonfinite_total, "nonfinite_streak": state.nonfinite_streak,
-        "fp16_overflows": state.fp16_overflows, "mixed_precision": tc.mixed_precision,
+        "fp16_overflows": state.fp16_overflows, "mixed_precision": rt.precision,
         "distributed_type": str(rt.acc.distributed_type), "device": _device_name(rt.device),
-        "command": "accelerate launch " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": launcher.recorded_command(),
         "time": time.time()}
     return checkpoint.write_checkpoint(recipe.run.output_dir, state.step, acc=rt.acc, net=parts.net, ema=parts.ema,
                                        recipe=recipe, state=trainer_state, keep=tc.keep_checkpoints,
                                        in_save=hooks.in_save)
+
+
+def outputs_line(recipe: Recipe) -> str:
+    """The closing line: where this run's checkpoints, sample grids and logs are."""
+    run = Path(recipe.run.output_dir)
+    logs = {"tensorboard": f"{run / 'logs' / recipe.run.name} (tensorboard --logdir {run / 'logs'})",
+            "wandb": f"{os.environ.get('WANDB_DIR') or run / 'logs'} (W&B)", "none": "none (run.tracker: none)"}
+    return (f"outputs: checkpoints {run / 'checkpoints'}, samples {run / 'samples'}, "
+            f"snapshots {run / 'snapshots' if recipe.train.snapshot_every else 'off'}, logs {logs[recipe.run.tracker]}")
 
 
 def nonfinite_weights(parts: Parts) -> Optional[str]:

@@ -64,7 +64,9 @@ def test_export_diffusers_layout_opens_in_ddpm_pipeline(tmp_path):
 
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "unconditional-image-generation"
-    assert f'DDPMPipeline.from_pretrained("{tmp_path / "out"}")().images[0]' in card.text
+    # the folder's name, never a local path; the model's own T (issue 24)
+    assert 'DDPMPipeline.from_pretrained("out")' in card.text and str(tmp_path) not in card.text
+    assert "num_inference_steps=" in card.text
     fid = next(r for r in card.data.eval_results if r.metric_type == "fid")
     assert fid.metric_value == 123.4 and fid.metric_args["num_samples"] == 64
     assert fid.metric_args["reference"] == "train split, 50k" and fid.metric_args["sampler"] == "ancestral"

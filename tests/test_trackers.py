@@ -35,7 +35,7 @@ def test_identity_is_made_once_and_env_fills_the_project(tmp_path, monkeypatch):
     assert project == "p" and kw["wandb"]["entity"] == "team"
     tb = Recipe.from_dict({"model": {"resolution": 8}, "run": {"name": "r"}}).run
     assert init_arguments(tb, tmp_path / "tb", 0) == ("r", {"tensorboard": {}})
-    assert init_arguments(tb, tmp_path / "tb", 6) == ("r", {"tensorboard": {"purge_step": 6}})
+    assert init_arguments(tb, tmp_path / "tb", 6) == ("r", {"tensorboard": {"purge_step": 7}})  # step 6 stays
 
 
 @pytest.mark.slow
