@@ -135,7 +135,9 @@ def test_two_node_job_preempted_requeues_and_resumes_bitwise(cluster, workdir, r
     assert "hostname=ddpm-node1" in logs[0] and "hostname=ddpm-node2" in logs[1]
     assert int(info["Restarts"]) >= 1
     assert "preemption signal: asking training to save" in logs[0], logs[0][-3000:]
-    assert "training stopped after the requeue signal" in logs[1], logs[1][-3000:]
+    # Node 2 asked its own processes to save: they stopped cleanly (its SIGUSR2, or rank 0's requeue's
+    # SIGTERM when that came first), not as a failure.
+    assert "training stopped after" in logs[1] and "training failed" not in logs[1], logs[1][-3000:]
     events = json.loads((job_dir / "requeues.json").read_text())["events"]
     assert [e["kind"] for e in events] == ["preemption"]
     resumed = [resumed_steps(log) for log in logs]
