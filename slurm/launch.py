@@ -10,10 +10,16 @@ ssh-es into another:
   jobs that share a node),
 - `--deepspeed_multinode_launcher standard` when DeepSpeed is used: each node launches its own
   processes instead of DeepSpeed's pdsh/ssh launcher.
+
+`python -m slurm.launch [--procs-per-node N] [--cpu] RECIPE [OVERRIDES...]` (or `--eval -- ARGS`)
+runs that command for the node it is started on, e.g. from `srun` in a batch script of one's own,
+or by hand on each node with that node's `SLURM_*` values; `--print` only prints it.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import shlex
 import shutil
@@ -24,7 +30,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from pipeline import yaml_safe
-from pipeline.errors import UserError
+from pipeline.errors import UserError, run_cli
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = PROJECT_ROOT / "pipeline" / "train.py"
@@ -213,3 +219,38 @@ def _config_uses_deepspeed(path) -> bool:
 
 def format_command(cmd: Sequence[str]) -> str:
     return shlex.join(cmd)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(
+        prog="python -m slurm.launch",
+        description="Start `accelerate launch` for this node of a Slurm allocation (from its SLURM_* "
+        "variables): training with RECIPE, or with --eval `python -m eval ARGS` (ARGS after --).")
+    p.add_argument("recipe", nargs="?", help="training recipe (YAML); not with --eval")
+    p.add_argument("overrides", nargs="*", help="recipe overrides: section.key=value")
+    p.add_argument("--eval", action="store_true", help="run `-m eval ARGS` (ARGS after --)")
+    p.add_argument("--procs-per-node", type=int, default=1, help="processes (GPUs) on this node; default 1")
+    p.add_argument("--cpu", action="store_true", help="CPU processes (ACCELERATE_USE_CPU=1, gloo)")
+    p.add_argument("--print", action="store_true", help="print the command; run nothing")
+    args = p.parse_intermixed_args(argv)
+    return run_cli(_run, args, rest)
+
+
+def _run(args, rest: list[str]) -> int:
+    if args.eval == bool(args.recipe) or (args.eval and not rest):
+        raise SlurmEnvError("give a RECIPE, or --eval with the eval command after `--`")
+    node = node_launch_from_env(os.environ, args.procs_per_node)
+    program = ["-m", "eval", *rest] if args.eval else None
+    cmd = launch_command(node, args.recipe or "", args.overrides, program=program)
+    if args.print:
+        print(format_command(cmd))
+        return 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"} if args.cpu else None
+    return subprocess.run(cmd, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,45 +1,91 @@
 #!/usr/bin/env bash
-# A real single-node Slurm on localhost for the tests: munged, mariadb, slurmdbd (so that
-# sacct works; submitit needs it for jobs that died without a result), slurmctld, slurmd.
+# A real Slurm on this one machine for the tests: munged, mariadb, slurmdbd (so that sacct
+# works; submitit needs it for jobs that died without a result), slurmctld, and slurmd: one on
+# localhost (the default), or with --nodes N (N >= 2) one in each of N nodes, each a network +
+# UTS namespace with its own hostname and address on a private bridge (slurm/local_nodes.sh).
 #
-#   bash slurm/local_cluster.sh start    install (apt-get) if missing, start what is not running
-#   bash slurm/local_cluster.sh stop     stop exactly the daemons this script started
-#   bash slurm/local_cluster.sh status   exit 0 when every daemon runs and the node is usable
-#   bash slurm/local_cluster.sh env      print `export SLURM_CONF=...` for a shell
+#   bash slurm/local_cluster.sh start [--nodes N]   install (apt-get) if missing, start what is not running
+#   bash slurm/local_cluster.sh stop [--nodes N]    stop exactly the daemons this script started, and
+#                                                   remove the namespaces, links and bridge it made
+#   bash slurm/local_cluster.sh status [--nodes N]  exit 0 when every daemon runs and every node is usable
+#   bash slurm/local_cluster.sh env [--nodes N]     print `export SLURM_CONF=...` for a shell
+#   bash slurm/local_cluster.sh exec NODE CMD...    run CMD inside node NODE of the N-node cluster
+#   bash slurm/local_cluster.sh install             only install the packages (apt-get) if missing
 #
 # Everything (config, keys, state, logs, pid files, the database) lives under one folder,
-# $DDPM_SLURM_DIR (default /tmp/ddpm-slurm); no system file is touched, except that
+# $DDPM_SLURM_DIR (default /tmp/ddpm-slurm, or /tmp/ddpm-slurm-nodes for N >= 2, whose daemons
+# use other ports, so both clusters can run at once); no system file is touched, except that
 # /etc/slurm/slurm.conf is made a link to ours when no Slurm config exists there, so that a
 # plain `sbatch` works too (the link is removed again by `stop`). Clients find the cluster
 # through SLURM_CONF=$DDPM_SLURM_DIR/slurm.conf. Runs as root, without systemd or cgroups.
+# `--nodes N` may also be given as DDPM_SLURM_NODES=N.
 #
 # Two partitions: `low` (default; its jobs are preempted and requeued, GraceTime 60 s) and
 # `high` (PriorityTier 10: its jobs preempt those of `low`).
 set -euo pipefail
 
-DIR="${DDPM_SLURM_DIR:-/tmp/ddpm-slurm}"
-DB_PORT="${DDPM_SLURM_DB_PORT:-16033}"
-CTLD_PORT="${DDPM_SLURM_CTLD_PORT:-16817}"
-SLURMD_PORT="${DDPM_SLURM_SLURMD_PORT:-16818}"
-DBD_PORT="${DDPM_SLURM_DBD_PORT:-16819}"
+log() { echo "local_cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+usage() {
+  echo "usage: $0 start|stop|status|env [--nodes N] | exec NODE CMD... | install   (state in \$DDPM_SLURM_DIR)" >&2
+  exit 2
+}
+
+CMD="${1:-}"
+(($# > 0)) && shift
+NODES="${DDPM_SLURM_NODES:-1}"
+if [[ $CMD != exec && ${1:-} == --nodes ]]; then
+  (($# == 2)) || usage
+  NODES="$2"
+  shift 2
+fi
+[[ $CMD == exec || $# == 0 ]] || usage
+if ! [[ $NODES =~ ^[0-9]+$ ]] || ((NODES < 1 || NODES > 64)); then
+  echo "local_cluster: error: --nodes $NODES: give a whole number from 1 to 64" >&2
+  exit 2
+fi
+[[ $CMD == exec ]] && ((NODES < 2)) && NODES=2  # exec is for the N-node cluster
+# N >= 2 nodes: a cluster of its own (folder, ports), beside the single-node one.
+MULTI=$((NODES > 1))
+DIR="${DDPM_SLURM_DIR:-$( ((MULTI)) && echo /tmp/ddpm-slurm-nodes || echo /tmp/ddpm-slurm)}"
+DB_PORT="${DDPM_SLURM_DB_PORT:-$((16033 + 100 * MULTI))}"
+CTLD_PORT="${DDPM_SLURM_CTLD_PORT:-$((16817 + 100 * MULTI))}"
+SLURMD_PORT="${DDPM_SLURM_SLURMD_PORT:-$((16818 + 100 * MULTI))}"
+DBD_PORT="${DDPM_SLURM_DBD_PORT:-$((16819 + 100 * MULTI))}"
 GRACE="${DDPM_SLURM_GRACE_S:-60}"
 NODE="$(hostname -s)"
 CONF="$DIR/slurm.conf"
 export SLURM_CONF="$CONF"
 PKGS=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+DAEMONS=(munged mariadbd slurmdbd slurmctld)
 
-log() { echo "local_cluster: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-pid_of() {  # the pid from our pid file, only when that process is alive and is that daemon
+pid_of() {  # pid_of NAME [PATTERN]: the pid in our pid file NAME.pid, only when that process is
+  # alive and its command line has PATTERN (default NAME)
   local f="$DIR/run/$1.pid" pid
   [[ -s $f ]] || return 1
   pid="$(tr -dc 0-9 <"$f")"
   [[ -n $pid && -r /proc/$pid/cmdline ]] || return 1
-  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$1" || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "${2:-$1}" || return 1
   echo "$pid"
 }
+
+stop_pid() {  # stop_pid PID WHAT: TERM, up to 20 s, then KILL
+  local i
+  kill -TERM "$1" 2>/dev/null || true
+  for ((i = 0; i < 80; i++)); do [[ -d /proc/$1 ]] || break; sleep 0.25; done
+  if [[ -d /proc/$1 ]]; then kill -KILL "$1" 2>/dev/null || true; fi
+  log "stopped $2 ($1)"
+}
+
+if ((MULTI)); then
+  # shellcheck source=slurm/local_nodes.sh
+  source "$(dirname "${BASH_SOURCE[0]}")/local_nodes.sh"
+  CTL_NAME="$NODE" CTL_ADDR="$SUBNET.1" SLURMD_NODES=()
+  for ((i = 1; i <= NODES; i++)); do SLURMD_NODES+=("$(node_name "$i")"); done
+  PART_NODES="$NODE_PREFIX[1-$NODES]"
+else
+  CTL_ADDR=127.0.0.1 SLURMD_NODES=("$NODE") PART_NODES="$NODE"
+fi
 
 running() { pid_of "$1" >/dev/null; }
 
@@ -75,13 +121,15 @@ install() {
 }
 
 write_config() {
-  local hw
-  # The node's real CPU layout and memory, as slurmd sees them (a mismatch drains the node).
+  local hw sfx="" i
+  # The machine's real CPU layout and memory, as slurmd sees them (a mismatch drains the node);
+  # each node of an N-node cluster is this whole machine.
   hw="$(slurmd -C | head -1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ *UpTime=.*//')"
+  ((MULTI)) && sfx="-%n"  # one slurmd per node: Slurm puts the node's name into these paths
   cat >"$CONF.tmp" <<EOF
-# Written by slurm/local_cluster.sh: a single-node test cluster. Do not edit; it is rewritten.
+# Written by slurm/local_cluster.sh: a ${NODES}-node test cluster. Do not edit; it is rewritten.
 ClusterName=ddpm
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$NODE($CTL_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -90,11 +138,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$DIR/munge/munge.socket.2,cred_expire=5
 StateSaveLocation=$DIR/state/ctld
-SlurmdSpoolDir=$DIR/state/slurmd
+SlurmdSpoolDir=$DIR/state/slurmd$sfx
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd$sfx.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd$sfx.log
 # No cgroups here: track processes through /proc, bind nothing.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -121,9 +169,11 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
 # For the slurmdbd plugin this names the munge socket (ours, not the system's).
 AccountingStoragePass=$DIR/munge/munge.socket.2
-NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN
-PartitionName=low Nodes=$NODE Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE
-PartitionName=high Nodes=$NODE MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+$(if ((MULTI)); then for ((i = 1; i <= NODES; i++)); do
+    echo "NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") $hw State=UNKNOWN"
+  done; else echo "NodeName=$NODE NodeAddr=127.0.0.1 $hw State=UNKNOWN"; fi)
+PartitionName=low Nodes=$PART_NODES Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE
+PartitionName=high Nodes=$PART_NODES MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
   if ! cmp -s "$CONF.tmp" "$CONF"; then
     mv "$CONF.tmp" "$CONF"
@@ -198,19 +248,30 @@ start_slurmctld() {
   wait_for 60 slurmctld scontrol ping
 }
 
-start_slurmd() {
-  if ! running slurmd; then
-    slurmd -N "$NODE"
-  fi
-  wait_for 60 "node $NODE" node_usable
+slurmd_pid() {  # slurmd_pid NODE
+  if ((MULTI)); then pid_of "slurmd-$1" "slurmd -N $1 "; else pid_of slurmd; fi
 }
 
-node_usable() {
+start_slurmd() {
+  local n
+  for n in "${SLURMD_NODES[@]}"; do
+    slurmd_pid "$n" >/dev/null && continue
+    if ((MULTI)); then
+      mkdir -p "$DIR/state/slurmd-$n"
+      node_exec "$n" slurmd -N "$n"  # inside the node's namespaces, which its children inherit
+    else
+      slurmd -N "$n"
+    fi
+  done
+  for n in "${SLURMD_NODES[@]}"; do wait_for 60 "node $n" node_usable "$n"; done
+}
+
+node_usable() {  # node_usable NODE
   local state
-  state="$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1)"
+  state="$(sinfo -h -n "$1" -o %T 2>/dev/null | head -1)"
   case "$state" in
     idle* | mixed* | allocated* | completing*) return 0 ;;
-    down* | drain* | fail*) scontrol update nodename="$NODE" state=resume >/dev/null 2>&1; return 1 ;;
+    down* | drain* | fail*) scontrol update nodename="$1" state=resume >/dev/null 2>&1; return 1 ;;
     *) return 1 ;;
   esac
 }
@@ -222,10 +283,18 @@ link_etc() {
 }
 
 cmd_start() {
-  local t0=$SECONDS
+  local t0=$SECONDS made
   mkdir -p "$DIR"/{run,log,state/ctld,state/slurmd}
   chmod 755 "$DIR"
+  if ((MULTI)); then
+    made="$(made_nodes)"
+    if ((made != 0 && made != NODES)); then
+      echo "local_cluster: error: a $made-node cluster is up in $DIR; stop it first (stop --nodes $made)" >&2
+      exit 2
+    fi
+  fi
   install
+  if ((MULTI)); then nodes_up; fi
   write_config
   start_munged
   start_mariadb
@@ -233,39 +302,50 @@ cmd_start() {
   start_slurmctld
   start_slurmd
   link_etc
-  log "up in $((SECONDS - t0)) s: node $NODE, partitions low (default) and high; export SLURM_CONF=$CONF"
+  log "up in $((SECONDS - t0)) s: nodes ${SLURMD_NODES[*]}, partitions low (default) and high; export SLURM_CONF=$CONF"
 }
 
 cmd_stop() {
-  local d pid
+  local d pid n i nodes=("${SLURMD_NODES[@]}")
+  if ((MULTI)); then  # the nodes the last start made, whatever --nodes says now
+    nodes=()
+    for ((i = 1; i <= $(made_nodes); i++)); do nodes+=("$(node_name "$i")"); done
+  fi
   # Reverse start order; only pids from our own pid files, checked against their command line.
-  for d in slurmd slurmctld slurmdbd mariadbd munged; do
-    if pid="$(pid_of "$d")"; then
-      kill -TERM "$pid" 2>/dev/null || true
-      for ((i = 0; i < 80; i++)); do [[ -d /proc/$pid ]] || break; sleep 0.25; done
-      if [[ -d /proc/$pid ]]; then kill -KILL "$pid" 2>/dev/null || true; fi
-      log "stopped $d ($pid)"
-    fi
+  for n in "${nodes[@]}"; do
+    if pid="$(slurmd_pid "$n")"; then stop_pid "$pid" "slurmd of $n"; fi
+    rm -f "$DIR/run/slurmd.pid" "$DIR/run/slurmd-$n.pid"
+  done
+  for d in slurmctld slurmdbd mariadbd munged; do
+    if pid="$(pid_of "$d")"; then stop_pid "$pid" "$d"; fi
     rm -f "$DIR/run/$d.pid"
   done
+  if ((MULTI)); then nodes_down; fi
   if [[ -L /etc/slurm/slurm.conf && $(readlink /etc/slurm/slurm.conf) == "$CONF" ]]; then
     rm -f /etc/slurm/slurm.conf
   fi
 }
 
 cmd_status() {
-  local d ok=0
+  local d n pid ok=0
   for d in "${DAEMONS[@]}"; do
     if pid="$(pid_of "$d")"; then echo "$d: running ($pid)"; else echo "$d: stopped"; ok=1; fi
   done
-  if ((ok == 0)) && node_usable; then echo "node $NODE: $(sinfo -h -n "$NODE" -o %T)"; else ok=1; fi
+  for n in "${SLURMD_NODES[@]}"; do
+    if pid="$(slurmd_pid "$n")"; then echo "slurmd of $n: running ($pid)"; else echo "slurmd of $n: stopped"; ok=1; fi
+  done
+  for n in "${SLURMD_NODES[@]}"; do
+    if ((ok == 0)) && node_usable "$n"; then echo "node $n: $(sinfo -h -n "$n" -o %T)"; else ok=1; fi
+  done
   return $ok
 }
 
-case "${1:-}" in
+case "$CMD" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) echo "export SLURM_CONF=$CONF" ;;
-  *) echo "usage: $0 start|stop|status|env   (state in \$DDPM_SLURM_DIR, default /tmp/ddpm-slurm)" >&2; exit 2 ;;
+  exec) (($# >= 2)) || usage; node_exec "$@" ;;
+  install) mkdir -p "$DIR/log"; install ;;
+  *) usage ;;
 esac

@@ -261,7 +261,7 @@ def run(argv: list[str]) -> int:
     print(f"log: {job.paths.stdout}")
     if args.wait:
         try:
-            result = job.result()
+            result = job.results()[0]  # one result per node (task); result() refuses several
         except Exception as e:  # the job's own error, already in its log
             print(f"job {job.job_id} failed: {str(e).splitlines()[-1] if str(e) else e}", file=sys.stderr)
             return 1

@@ -17,42 +17,38 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_recipe
 from support.datasets import make_shards
+from support.slurm_jobs import (
+    ROOT,
+    assert_same_weights,
+    job_info,
+    latest_step,
+    local_cluster,
+    log_text,
+    resumed_steps,
+    submit_training,
+    train_overrides,
+    wait_done,
+    wait_until,
+)
+from support.slurm_jobs import final_weights as _final_weights
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "slurm" / "local_cluster.sh"
-STATE_DIR = Path(os.environ.get("DDPM_SLURM_DIR", "/tmp/ddpm-slurm"))
 STEPS, EVERY = 40, 10
-DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 @pytest.fixture(scope="module")
 def slurm_env():
-    was_up = subprocess.run(["bash", str(SCRIPT), "status"], capture_output=True).returncode == 0
-    r = subprocess.run(["bash", str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:
-        reason = f"local Slurm cluster could not be started: {(r.stderr or r.stdout).strip()[-400:]}"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
-    env = {**os.environ, "SLURM_CONF": str(STATE_DIR / "slurm.conf"),
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    yield env
-    if not was_up:  # leave a cluster that was already running (CI starts it) as it was
-        subprocess.run(["bash", str(SCRIPT), "stop"], capture_output=True, timeout=120)
+    with local_cluster(nodes=1) as env:
+        yield env
 
 
 @pytest.fixture(scope="module")
@@ -63,74 +59,15 @@ def workdir(tmp_path_factory):
 
 
 def overrides(workdir: Path, name: str, steps: int = STEPS) -> list[str]:
-    return [f"data.shards={workdir / 'shards'}", f"run.output_dir={workdir / name}", f"train.max_steps={steps}",
-            f"train.checkpoint_every={EVERY}", "train.sample_every=1000", "train.global_batch_size=8",
-            "train.log_every=5", "data.num_workers=0", "run.tracker=none"]
+    return train_overrides(workdir, name, steps, EVERY)
 
 
 def submit(env, workdir: Path, name: str, *extra: str, steps: int = STEPS) -> tuple[str, Path]:
-    cmd = [sys.executable, "-m", "slurm.submit", str(ROOT / "recipes" / "quickstart.yaml"),
-           *overrides(workdir, name, steps), "--cpu", "--gpus-per-node", "2", "--time", "00:10:00",
-           "--signal-delay-s", "60", *extra]
-    if os.environ.get("DDPM_TEST_TRAIN_SCRIPT"):
-        cmd += ["--script", os.environ["DDPM_TEST_TRAIN_SCRIPT"]]
-    r = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"submitted job (\d+); job folder (\S+)", r.stdout)
-    assert m, r.stdout
-    return m.group(1), Path(m.group(2))
-
-
-def job_info(env, job_id: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True).stdout
-    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-
-
-def wait_until(pred, timeout: float, what: str, poll: float = 0.5):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def log_text(job_dir: Path, job_id: str) -> str:
-    p = job_dir / f"{job_id}_0_log.out"
-    return p.read_text(errors="replace") if p.exists() else ""
-
-
-def wait_done(env, job_id: str, job_dir: Path, timeout: float = 300) -> dict:
-    try:
-        info = wait_until(lambda: (i := job_info(env, job_id)).get("JobState") in DONE_STATES and i,
-                          timeout, f"job {job_id} to end")
-    except AssertionError:
-        subprocess.run(["scancel", job_id], env=env)
-        raise AssertionError(f"job {job_id} did not end; log tail:\n{log_text(job_dir, job_id)[-3000:]}")
-    assert info["JobState"] == "COMPLETED", f"job {job_id}: {info['JobState']}\n{log_text(job_dir, job_id)[-3000:]}"
-    return info
-
-
-def latest_step(run: Path) -> int:
-    ckpt = latest_checkpoint(run)
-    return int(ckpt.name.split("-")[1]) if ckpt else -1
+    return submit_training(env, workdir, name, *extra, steps=steps, every=EVERY)
 
 
 def final_weights(run: Path) -> dict:
-    ckpt = run / "checkpoints" / f"step-{STEPS:08d}"
-    return {f: load_file(str(ckpt / f)) for f in ("model.safetensors", "ema.safetensors")}
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    for f in a:
-        assert a[f].keys() == b[f].keys()
-        diff = [k for k in a[f] if not (a[f][k] == b[f][k]).all()]
-        assert not diff, f"{f}: {len(diff)} tensors differ from the uninterrupted run, e.g. {diff[:3]}"
-
-
-def resumed_steps(log: str) -> list[int]:
-    return [int(s) for s in re.findall(r"resuming from: \S*step-(\d+)", log)]
+    return _final_weights(run, STEPS)
 
 
 @pytest.fixture(scope="module")

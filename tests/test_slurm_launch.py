@@ -27,6 +27,7 @@ from slurm.launch import (
     node_launch_from_env,
     port_for_job,
 )
+from slurm.launch import main as launch_main
 from slurm.submit import SubmitError, parse_time
 from slurm.submit import main as submit_main
 from support.datasets import make_shards
@@ -210,6 +211,34 @@ def test_bad_environment_is_reported(change, message):
             env[k] = v
     with pytest.raises(SlurmEnvError, match=message):
         node_launch_from_env(env, procs_per_node=8, use_scontrol=False)
+
+
+def test_launch_cli_prints_this_nodes_command(monkeypatch, tmp_path, capsys):
+    # The node list is expanded by our parser: no scontrol (it would look for a controller).
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for k, v in slurm_env(4242, "ddpm-node[1-2]", 2, 1).items():
+        monkeypatch.setenv(k, v)
+    assert launch_main(["--print", "--procs-per-node", "3", "r.yaml", "train.lr=1"]) == 0
+    cmd = capsys.readouterr().out.split()
+    assert _flag(cmd, "--machine_rank") == "1" and _flag(cmd, "--main_process_ip") == "ddpm-node1"
+    assert _flag(cmd, "--num_processes") == "6" and _flag(cmd, "--main_process_port") == str(port_for_job(4242))
+    assert cmd[-2:] == ["r.yaml", "train.lr=1"]
+    assert launch_main(["--print", "--eval", "--", "sample", "RUN"]) == 0
+    assert capsys.readouterr().out.split()[-4:] == ["-m", "eval", "sample", "RUN"]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["r.yaml"], {"SLURM_NODEID": "5"}, "SLURM_NODEID=5 is outside 0..1"),
+    (["--eval"], {}, "give a RECIPE, or --eval with the eval command after `--`"),
+    (["r.yaml", "--eval", "--", "sample"], {}, "give a RECIPE, or --eval"),
+])
+def test_launch_cli_errors_are_one_line(monkeypatch, tmp_path, capsys, argv, env, message):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    for k, v in {**slurm_env(7, "a[1-2]", 2, 0), **env}.items():
+        monkeypatch.setenv(k, v)
+    assert launch_main(["--print", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 # ---------------------------------------------------------------------------- the submit CLI
