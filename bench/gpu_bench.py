@@ -128,7 +128,7 @@ class Run:
         return self.results["parts"].setdefault(name, {})
 
     def rows(self, name: str) -> list:
-        return self.part(name).get("rows", [])
+        return self.results["parts"].get(name, {}).get("rows", [])
 
     def row(self, name: str, row: dict) -> dict:
         self.part(name).setdefault("rows", []).append(row)
@@ -227,7 +227,8 @@ def main(argv=None) -> int:
                          "(default 420 on CUDA; 3600 for --cpu-smoke, which proves code paths, not speed)")
     ap.add_argument("--parts", default=None, help="comma-separated subset, in the order above (default: all)")
     args = ap.parse_args(argv)
-    args.budget_s = args.budget_s or (3600.0 if args.cpu_smoke else 420.0)
+    if args.budget_s is None:
+        args.budget_s = 3600.0 if args.cpu_smoke else 420.0
     known = [n for n, _ in PARTS]
     wanted = args.parts.split(",") if args.parts else known
     if [w for w in wanted if w not in known]:

@@ -482,7 +482,7 @@ def agree_across_ranks(acc: Accelerator, losses: torch.Tensor, stop_requested: b
     # a copy that waits for the queue, a second sync.
     flags = torch.stack([torch.where(finite, lv, torch.zeros_like(lv)).sum(), (~finite).sum().double(),
                          lv.new_full((), float(stop_requested))])
-    total, nonfinite, stop_any = acc.reduce(flags, reduction="sum").cpu().tolist()
+    total, nonfinite, stop_any = acc.reduce(flags, reduction="sum").tolist()  # one device-to-host copy
     return (0.0 if nonfinite else total / acc.num_processes), nonfinite > 0, stop_any > 0
 
 
