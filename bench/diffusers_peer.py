@@ -13,10 +13,10 @@ the training loop around the same U-Net.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
+from gpu_trainer import timed
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -89,32 +89,8 @@ def example_loop_row(images: Path, unet_cfg: dict, batch: int, *, steps: int, wa
             ema.step(model.parameters())
         return {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0], "ema_decay": ema.cur_decay_value}
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        first = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        med = times[len(times) // 2]
-        row = {"img_per_s": batch / med, "step_ms": med * 1e3, "step_ms_range": [times[0] * 1e3, times[-1] * 1e3],
-               "first_step_s": first, "workers": workers}
-        if cuda:
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-        return row
+        return {**timed(step, batch, device, steps, warmup), "workers": workers}
     finally:
 
         AcceleratorState._reset_state(True)

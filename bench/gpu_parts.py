@@ -217,6 +217,8 @@ def REF(m, x, t):
 
 def train_rate(run, model, call, cfg, batch, fp: FastPath, dtype, compiled=False) -> dict:
     """img/s of a bare step: forward (autocast) + L_simple + backward + Adam, peak memory."""
+    from gpu_trainer import timed
+
     fast_path.apply_tf32(fp)
     fast_path.prepare_module(model.train(), fp)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5, eps=1e-8, **fast_path.adam_kwargs(fp))
@@ -234,29 +236,8 @@ def train_rate(run, model, call, cfg, batch, fp: FastPath, dtype, compiled=False
         (out.float() - eps).square().mean().backward()  # eq. 14 in float32
         opt.step()
 
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    run.sync()
-    first = time.perf_counter() - t0
-    for _ in range(run.warmup - 1):
-        step()
-    times = []
-    for _ in range(run.steps):
-        run.sync()
-        t0 = time.perf_counter()
-        step()
-        run.sync()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    per = times[len(times) // 2]
-    res = {"img_per_s": batch / per, "step_ms": per * 1e3, "step_ms_range": [times[0] * 1e3, times[-1] * 1e3],
-           "first_step_s": first}
-    if run.device.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    res = timed(step, batch, run.device, run.steps, run.warmup)
     fast_path.apply_tf32(FastPath())
-
     return res
 
 

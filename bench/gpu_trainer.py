@@ -46,6 +46,39 @@ def host_syncs(step) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+def timed(step, batch: int, device: torch.device, steps: int, warmup: int) -> dict:
+    """Run `step` once (first-step time: compilation, autotuning), warm up, then time `steps`
+    synchronised steps: img/s of the median step, the range, and peak memory on CUDA."""
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    med = times[len(times) // 2]
+    res = {"img_per_s": batch / med, "step_ms": med * 1e3, "step_ms_range": [times[0] * 1e3, times[-1] * 1e3],
+           "first_step_s": first}
+    if cuda:
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return res
+
+
 def trainer_row(shards: Path, out: Path, *, smoke: bool, steps: int, warmup: int, cudnn_benchmark: bool = True,
                 **train) -> dict:
     """img/s, step time, peak memory, first-step time and host syncs per step of the real
@@ -71,35 +104,10 @@ def trainer_row(shards: Path, out: Path, *, smoke: bool, steps: int, warmup: int
     def step():
         trainer.train_step(rt, parts, state, tc, stop, hooks)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     try:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        first = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            step()
-        syncs = host_syncs(step) if cuda else None
-        sync()
-        times = []
-        for _ in range(steps):  # per step, synchronised: the median and spread of the step time
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        med = times[len(times) // 2]
-        res = {"img_per_s": tc.global_batch_size / med, "step_ms": med * 1e3,
-               "step_ms_range": [times[0] * 1e3, times[-1] * 1e3], "first_step_s": first,
-               "micro_steps": rt.accum, "micro_batch": rt.micro, "host_syncs_per_step": syncs,
-               "fast_path": parts.fast.describe()}
-        if cuda:
-            res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        res = timed(step, tc.global_batch_size, rt.device, steps, warmup)
+        res.update(micro_steps=rt.accum, micro_batch=rt.micro, fast_path=parts.fast.describe(),
+                   host_syncs_per_step=host_syncs(step) if cuda else None)
         return res
     finally:
         parts.loader.close()
@@ -107,6 +115,5 @@ def trainer_row(shards: Path, out: Path, *, smoke: bool, steps: int, warmup: int
         GradientState._reset_state()
         if getattr(parts.fast, "compile", False):
             torch._dynamo.reset()
-
         if cuda:
             torch.cuda.empty_cache()
