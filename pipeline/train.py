@@ -12,6 +12,7 @@ a finished run exits 0; a bad recipe exits 2 before any work, with one line nami
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None, hooks=None) -> int:
     """`hooks`: a pipeline.trainer.Hooks for tests (tests/support/train_with_hooks.py)."""
+    faulthandler.enable()  # a crash in native code (gloo, a CUDA kernel) shows every thread's Python stack
     return run_cli(run, parse_args(argv), hooks)
 
 

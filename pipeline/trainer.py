@@ -21,11 +21,13 @@ resume (`checkpoint.restore`), then the loop of `train_step`, `Progress`, sample
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.util
 import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -354,12 +356,26 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
         parts.loader.close()
         if progress is not None:
             progress.close()
-        rt.acc.end_training()
+        shutdown(rt, parts, clean=sys.exc_info()[0] is None)
     if rt.main:
         print(outputs_line(recipe), flush=True)
         if code == EXIT_OK and recipe.run.push_to_hub:  # once per step: a requeued finished job skips it
             publish.push_step(recipe.run, state.step, final=True)
     return code
+
+
+def shutdown(rt: Runtime, parts: Parts, clean: bool) -> None:
+    """End the process group while the interpreter is whole. After a clean finish every rank first
+    waits for the others, so no rank tears its connections down under a peer that is still
+    writing; then the prepared model (DDP's reducer holds the process group) is released and
+    collected here, not by the interpreter's finalizer, where gloo's threads can abort the
+    process ("terminate called without an active exception") after a finished run."""
+    if clean:
+        rt.acc.wait_for_everyone()
+    rt.acc.end_training()
+    rt.acc.free_memory()
+    parts.model = parts.optimizer = None
+    gc.collect()
 
 
 # ------------------------------------------------------------------------------ one optimizer step
