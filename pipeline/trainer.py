@@ -367,15 +367,16 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
 def shutdown(rt: Runtime, parts: Parts, clean: bool) -> None:
     """End the process group while the interpreter is whole. After a clean finish every rank first
     waits for the others, so no rank tears its connections down under a peer that is still
-    writing; then the prepared model (DDP's reducer holds the process group) is released and
-    collected here, not by the interpreter's finalizer, where gloo's threads can abort the
-    process ("terminate called without an active exception") after a finished run."""
+    writing. The prepared model (DDP's reducer holds the process group; DeepSpeed's engine needs
+    it to tear down) is released and collected before the group ends, here and not by the
+    interpreter's finalizer, where gloo's threads can abort a finished run ("terminate called
+    without an active exception")."""
     if clean:
         rt.acc.wait_for_everyone()
-    rt.acc.end_training()
     rt.acc.free_memory()
     parts.model = parts.optimizer = None
     gc.collect()
+    rt.acc.end_training()
 
 
 # ------------------------------------------------------------------------------ one optimizer step
