@@ -9,9 +9,11 @@ quickstart run), or with `--ref-cache DIR` a copy of one that holds them (as on 
 
 Each process's CPU time (user + system, its own threads included) and its wall time are
 written at exit by a `sitecustomize` hook that only the measured processes load.
-`--code DIR` times another checkout (e.g. the commit before a change) on the same data.
+`--code DIR` times another checkout on the same data; `--before DIR` times a second checkout (e.g.
+the commit before a change) in pairs with it, alternating, and prints each one's medians and the
+ratio after/before per pair.
 
-Usage: PYTHONPATH=. python bench/eval_fid_processes.py [--repeats 3] [--code DIR] [--work DIR]
+Usage: PYTHONPATH=. python bench/eval_fid_processes.py [--repeats 3] [--before DIR] [--code DIR] [--work DIR]
 """
 
 from __future__ import annotations
@@ -81,9 +83,20 @@ def time_once(code: Path, run_dir: Path, samples: int, ref_cache: Path | None) -
     return {"wall_s": wall, "cpu_s": [r["cpu_s"] for r in ranks], "fid": fid}
 
 
+def table(name: str, runs: list[dict]) -> None:
+    walls = [r["wall_s"] for r in runs]
+    print(f"\n{name}: {len(runs)} runs")
+    print("| | median | range |\n|---|---|---|")
+    print(f"| wall s | {statistics.median(walls):.1f} | {min(walls):.1f}-{max(walls):.1f} |")
+    for k in range(len(runs[0]["cpu_s"])):
+        c = [r["cpu_s"][k] for r in runs]
+        print(f"| rank {k} CPU s | {statistics.median(c):.1f} | {min(c):.1f}-{max(c):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--code", type=Path, default=ROOT, help="checkout whose `eval fid` is timed")
+    ap.add_argument("--before", type=Path, default=None, help="a second checkout, timed in pairs with --code")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "ddpm-fid-bench",
                     help="data and the trained run (kept for reuse)")
     ap.add_argument("--steps", type=int, default=20, help="training steps of the model (reused when present)")
@@ -95,20 +108,23 @@ def main() -> None:
     run_dir = setup(args.work, args.steps)
     with open("/proc/loadavg") as f:
         print(f"load average before: {f.read().split()[:3]}", flush=True)
-    runs = []
+    codes = {"after": args.code.resolve()}
+    if args.before:
+        codes = {"before": args.before.resolve(), **codes}
+    runs = {k: [] for k in codes}
     for i in range(args.repeats):
-        r = time_once(args.code.resolve(), run_dir, args.samples, args.ref_cache)
-        print(json.dumps({"repeat": i, **r}), flush=True)
-        runs.append(r)
+        for name, code in codes.items():
+            r = time_once(code, run_dir, args.samples, args.ref_cache)
+            print(json.dumps({"repeat": i, "code": name, **r}), flush=True)
+            runs[name].append(r)
     with open("/proc/loadavg") as f:
         print(f"load average after: {f.read().split()[:3]}")
-    walls = [r["wall_s"] for r in runs]
-    print(f"\n{args.code}: {args.samples} samples, 2 processes, {args.repeats} runs")
-    print("| | median | range |\n|---|---|---|")
-    print(f"| wall s | {statistics.median(walls):.1f} | {min(walls):.1f}-{max(walls):.1f} |")
-    for k in range(len(runs[0]["cpu_s"])):
-        c = [r["cpu_s"][k] for r in runs]
-        print(f"| rank {k} CPU s | {statistics.median(c):.1f} | {min(c):.1f}-{max(c):.1f} |")
+    for name, code in codes.items():
+        table(f"{name} ({code}), {args.samples} samples, 2 processes", runs[name])
+    if args.before:
+        ratios = [a["wall_s"] / b["wall_s"] for a, b in zip(runs["after"], runs["before"])]
+        print(f"\nwall after/before per pair: median {statistics.median(ratios):.3f} "
+              f"({min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":
