@@ -43,8 +43,9 @@ if _rank is not None and os.environ.get("DDPM_BENCH_TIMES"):
 '''
 
 
-def setup(work: Path, steps: int) -> Path:
-    """The quickstart's LMDB, shards and a briefly trained run (reused when present)."""
+def setup(work: Path, steps: int, code: Path) -> Path:
+    """The quickstart's LMDB, shards and a run briefly trained by `code` (the oldest checkout: newer
+    code reads older checkpoints, not the reverse); reused when present."""
     sys.path.insert(0, str(ROOT))
     from scripts.quickstart_data import make_quickstart_lmdb
 
@@ -57,7 +58,8 @@ def setup(work: Path, steps: int) -> Path:
         subprocess.run([PY, "-m", "data_prep", "lsun", "--lmdb", work / "lmdb", "--out", shards, "--resolution",
                         "32", "--test-count", "64", "--shard-size", "500", "--workers", "2"], check=True, cwd=ROOT, env=env)
     subprocess.run([PY, "pipeline/train.py", "recipes/quickstart.yaml", f"data.shards={shards}",
-                    f"run.output_dir={run_dir}", f"train.max_steps={steps}"], check=True, cwd=ROOT, env=env)
+                    f"run.output_dir={run_dir}", f"train.max_steps={steps}"], check=True, cwd=code,
+                   env={**env, "PYTHONPATH": str(code)})
     return run_dir
 
 
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument("--ref-cache", type=Path, default=None,
                     help="a --cache-dir holding the reference statistics (as on a later quickstart run)")
     args = ap.parse_args()
-    run_dir = setup(args.work, args.steps)
+    run_dir = setup(args.work, args.steps, (args.before or args.code).resolve())
     with open("/proc/loadavg") as f:
         print(f"load average before: {f.read().split()[:3]}", flush=True)
     codes = {"after": args.code.resolve()}
