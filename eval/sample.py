@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -368,6 +369,9 @@ def register(subparsers) -> None:
     p.add_argument("--npz", default=None, metavar="PATH",
                    help="also write all samples as PATH, an .npz whose arr_0 is uint8 [n, H, W, 3] (the "
                    "ADM / guided-diffusion format other evaluators read)")
+    p.add_argument("--png", default=None, metavar="DIR",
+                   help="also write each sample as DIR/<index>.png (index zero-padded: the image folder "
+                   "pytorch-fid and clean-fid read)")
     p.set_defaults(func=main)
 
 
@@ -380,6 +384,11 @@ def main(args) -> int:
             chunks = SampleChunks(args.out)
             first = chunks[0]
             write_adm_npz(args.npz, chunks.parts(), (len(chunks), *first.shape))
+        if args.png:
+            from eval.outside import write_png_folder
+
+            n = write_png_folder(args.png, SampleChunks(args.out).files, proto["num_samples"])
+            print(f"wrote {n} PNG images to {args.png}", file=sys.stderr, flush=True)
         label = "" if proto["paper_protocol"] else "  [not the paper's protocol: " + "; ".join(
             proto["paper_protocol_caveats"]) + "]"
         print(json.dumps({"out": str(args.out), **{k: proto[k] for k in ("sampler", "steps", "num_samples")}}) + label)
