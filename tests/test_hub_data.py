@@ -186,3 +186,10 @@ def test_an_ordinary_hub_image_dataset_is_refused_with_the_command_that_converts
                capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "data_prep hf --dataset" in r.stderr
+    # The same name as a model (a 404 from the model API): one line that says what it is, no traceback.
+    for name, says in (("alice/plain-images", "not a model repo on the Hub but a data set repo"),
+                       ("alice/nope", "no such repo on the Hub")):
+        r = sp.run([sys.executable, "-m", "eval", "sample", name, "--out", str(tmp_path / "s"), "--num-samples", "1"],
+                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]] and says in r.stderr
