@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +30,6 @@ from eval.tracking import log_figures_to_run
 from pipeline.atomic import atomic_path, write_json
 from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
-
-
-def say(msg: str) -> None:
-    """A progress line (stderr: stdout ends with the numbers as JSON)."""
-    print(f"figures: {msg}", file=sys.stderr, flush=True)
 
 
 def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, seed: int = 0,
@@ -141,7 +135,7 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         raise EvalError(f"{shards}: the '{split}' split needs at least 2 images for the figures")
     numbers = {}
     if "5" in which:
-        say(f"Fig. 5: the bound's {T} terms for {len(x0[:num_images])} test images "
+        figures_more.say(f"Fig. 5: the bound's {T} terms for {len(x0[:num_images])} test images "
             f"({math.ceil(T / max(1, t_batch))} model calls)")
         rd = rate_distortion(d, model, x0[:num_images], t_batch=t_batch, seed=seed, progress=True)
         plot_rate_distortion(rd, out / "fig5_rate_distortion.png")
@@ -152,7 +146,7 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         r = loaded.recipe.model.unet_kwargs()
         shape = (n_progressive, r.get("in_channels", 3), r["resolution"], r["resolution"])
         show = sorted({int(round(v)) for v in np.linspace(T - 1, 0, 10)}, reverse=True)
-        say(f"Fig. 6: {n_progressive} samples, {T} ancestral steps")
+        figures_more.say(f"Fig. 6: {n_progressive} samples, {T} ancestral steps")
         grid = progressive_generation(d, model, shape, show_t=show, seed=seed, device=device, progress=True)
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig6_progressive.png", ncol=len(show))
         write_json(out / "fig6_progressive.json", {"t_shown_0based": show, "rows": n_progressive,
@@ -163,7 +157,7 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
         k = max(1, len(x0) // 2)
         k = min(k, 2)
-        say(f"Fig. 8: {k} pairs x {len(lam)} lambdas, {interp_t} reverse steps")
+        figures_more.say(f"Fig. 8: {k} pairs x {len(lam)} lambdas, {interp_t} reverse steps")
         grid = interpolation(d, model, x0[:k], x0[k:2 * k], lam, t=interp_t - 1, seed=seed,
                              progress=True)  # 0-based index
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig8_interpolation.png", ncol=grid.shape[1])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,11 @@ from eval.work import gather_share
 from pipeline.atomic import atomic_path, write_json
 from pipeline.rng import eval_generators
 from pipeline.sampling import sample_from
+
+
+def say(msg: str) -> None:
+    """A progress line of `eval figures` (stderr: its stdout ends with the numbers as JSON)."""
+    print(f"figures: {msg}", file=sys.stderr, flush=True)
 
 
 def _rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -186,8 +192,6 @@ def make_more(loaded, model, x0: torch.Tensor, out: Path, which, args, *, shards
     """Figs. 7, 9, 10 (those in `which`) into `out`; returns the headline numbers."""
     d, T = loaded.diffusion, loaded.diffusion.num_timesteps
     numbers = {}
-    from eval.figures import say  # eval/figures.py imports this module
-
     if "7" in which:
         ts = _ints(args.fig7_t, sorted({max(1, T * k // 4) for k in (4, 3, 2, 1)}, reverse=True),
                    "--fig7-t", 1, T)
