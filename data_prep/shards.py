@@ -39,12 +39,20 @@ def key_hash(key: str) -> int:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
 
 
-def assign_splits(items, test_count: int | None = None, test_fraction: float = 0.0) -> dict:
+def assign_splits(items, test_count: int | None = None, test_fraction: float = 0.0, usable=None) -> dict:
     """{'train': [...], 'test': [...]}, source order kept. Items whose split the source fixes keep
-    it; others go to test by key hash (the `test_count` smallest hashes, or hash < fraction)."""
+    it; others go to test by key hash (the `test_count` smallest hashes, or hash < fraction).
+    `usable(key)`: whether an input will make a sample; with it, `test_count` counts usable inputs
+    only, so a skipped input does not leave the test split one short (it goes to train, where
+    it is skipped and recorded)."""
     free = [it for it in items if it[1] is None]
     if test_count is not None:
-        test = {k for _, k in sorted((key_hash(k), k) for k, _, _ in free)[:test_count]}
+        test = set()
+        for _, k in sorted((key_hash(k), k) for k, _, _ in free):
+            if len(test) >= test_count:
+                break
+            if usable is None or usable(k):
+                test.add(k)
     else:
         cut = int(test_fraction * 2**64)
         test = {k for k, _, _ in free if key_hash(k) < cut}
@@ -149,7 +157,18 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
     if len(set(keys)) != len(keys):  # two samples under one key: the loader would see one of them
         dup = next(k for k in keys if keys.count(k) > 1)
         raise PrepError(f"{source.path}: two inputs map to the key {dup[:100]!r}; nothing written")
-    splits = assign_splits(items, test_count, test_fraction)
+    init = (source, resolution, fmt, quality, allow_upscale, png_level)
+    usable = None
+    if test_count:  # the test candidates are decoded once here, in hash order, until enough are good
+        payloads = {k: payload for k, split, payload in items if split is None}
+        _init_worker(*init)
+        usable = lambda k: _work((k, payloads[k]))[1] is not None
+    try:
+        splits = assign_splits(items, test_count, test_fraction, usable)
+    finally:
+        _W.clear()
+        if usable is not None and hasattr(source, "close"):
+            source.close()  # reopened by whichever process reads next (one LMDB environment per process)
     if not splits["train"]:
         raise PrepError(f"{source.path}: all {len(items)} inputs went to the test split; nothing left to "
                         "train on (lower --test-count / --test-fraction)")
@@ -184,7 +203,6 @@ def prepare(source, out, *, resolution: int, fmt: str = DEFAULT_FORMAT, quality:
     tasks = ((key, payload) for _, _, its in pending for key, _, payload in its)
     total = sum(len(its) for _, _, its in pending)
     pool = None
-    init = (source, resolution, fmt, quality, allow_upscale, png_level)
     if workers > 1 and total:
         pool = mp.get_context("fork").Pool(workers, _init_worker, init)
         results = pool.imap(_work, tasks, chunksize=16)

@@ -27,7 +27,7 @@ from eval.common import EvalError
 from eval.inception import InceptionWeightsError, inception
 from pipeline import fast_path
 from pipeline.atomic import atomic_path
-from pipeline.data import iter_split
+from pipeline.data import iter_split, split_share
 
 INCEPTION = "inception-v3-compat"  # torch-fidelity's name for the TF-compatible InceptionV3
 PRECISIONS = ("fp32", "fp64", "bf16", "fp16")  # of the extractor; fp32 is the standard
@@ -173,7 +173,7 @@ def _batches_of(images, batch_size: int):
 
 def _bar(total, desc):
     rank, _ = _dist()
-    return tqdm(total=total, desc=desc, unit="img", disable=rank != 0)
+    return tqdm(total=total, desc=desc, unit="img", mininterval=2.0, disable=rank != 0)
 
 
 def image_statistics(images, extractor, *, batch_size: int = 64, device="cpu", desc="sample features") -> dict:
@@ -194,7 +194,7 @@ def split_statistics(shards: str, split: str, extractor, *, batch_size: int = 64
     order), each process decoding and extracting its own contiguous block."""
     rank, world = _dist()
     m = Moments()
-    with _bar(None, f"reference features ({split})") as bar:
+    with _bar(split_share(shards, split, rank, world, limit), f"reference features ({split})") as bar:
         for x in iter_split(shards, split, batch_size, rank=rank, world_size=world, limit=limit):
             m.add(extract(x, extractor, device))
             bar.update(len(x))

@@ -14,6 +14,7 @@ Fig. 8  interpolation: two test images encoded to x_t ~ q(x_t | x_0) at the pape
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -31,7 +32,8 @@ from pipeline.hub import Pretrained
 from pipeline.rng import eval_generators
 
 
-def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, seed: int = 0) -> dict:
+def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, seed: int = 0,
+                    progress: bool = False) -> dict:
     """Fig. 5 numbers, averaged over the images x0 ([N, 3, H, W] on the 8-bit grid in [-1, 1]).
 
     Index k = number of reverse steps taken, 0..T. After k steps the receiver holds x_t with
@@ -41,7 +43,8 @@ def rate_distortion(diffusion, model, x0: torch.Tensor, *, t_batch: int = 10, se
     """
     T = diffusion.num_timesteps
     with torch.inference_mode():
-        r = diffusion.calc_bpd(model, x0, generator=eval_generators(seed, range(len(x0)), x0.device), t_batch=t_batch)
+        r = diffusion.calc_bpd(model, x0, generator=eval_generators(seed, range(len(x0)), x0.device), t_batch=t_batch,
+                               progress=progress)
     terms, prior = r["terms_bpd"].double().cpu(), r["prior_bpd"].double().cpu()
     mse = r["mse"].double().cpu()  # of pred_x0 on [-1, 1]
     # rate at t: prior + sum_{i >= t+1} terms[:, i]  (reverse cumulative sum, shifted by one)
@@ -77,7 +80,8 @@ def plot_rate_distortion(rd: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, device="cpu") -> np.ndarray:
+def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, device="cpu",
+                           progress: bool = False) -> np.ndarray:
     """Fig. 6: pred_x0 at the 0-based steps `show_t` along Algorithm 2; uint8 [N, len(show_t), H, W, C]."""
     want = set(int(t) for t in show_t)
     shots: dict[int, torch.Tensor] = {}
@@ -87,17 +91,19 @@ def progressive_generation(diffusion, model, shape, *, show_t, seed: int = 0, de
             shots[t] = pred_x0.detach().cpu()
 
     with torch.inference_mode():
-        diffusion.p_sample_loop(model, shape, generator=eval_generators(seed, range(shape[0]), device), callback=grab)
+        diffusion.p_sample_loop(model, shape, generator=eval_generators(seed, range(shape[0]), device), callback=grab,
+                                progress=progress)
     cols = [to_uint8(shots[t]) for t in sorted(want, reverse=True)]
     return np.stack(cols, 1)
 
 
-def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 499, seed: int = 0) -> np.ndarray:
+def interpolation(diffusion, model, x_a, x_b, lambdas, *, t: int = 499, seed: int = 0,
+                  progress: bool = False) -> np.ndarray:
     """Fig. 8: uint8 [N, 2 + L, H, W, C]: source a, the L decodings, source b. `t` is the 0-based
     index (499 = the paper's t = 500)."""
     g = torch.Generator(device=x_a.device).manual_seed(seed)
     with torch.inference_mode():
-        out = diffusion.interpolate(model, x_a, x_b, lambdas, t=t, generator=g)  # [N, L, C, H, W]
+        out = diffusion.interpolate(model, x_a, x_b, lambdas, t=t, generator=g, progress=progress)  # [N, L, C, H, W]
     N, L = out.shape[:2]
     mid = to_uint8(out.reshape(N * L, *out.shape[2:])).reshape(N, L, *to_uint8(x_a[:1]).shape[1:])
     return np.concatenate([to_uint8(x_a)[:, None], mid, to_uint8(x_b)[:, None]], 1)
@@ -129,7 +135,9 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         raise EvalError(f"{shards}: the '{split}' split needs at least 2 images for the figures")
     numbers = {}
     if "5" in which:
-        rd = rate_distortion(d, model, x0[:num_images], t_batch=t_batch, seed=seed)
+        figures_more.say(f"Fig. 5: the bound's {T} terms for {len(x0[:num_images])} test images "
+            f"({math.ceil(T / max(1, t_batch))} model calls)")
+        rd = rate_distortion(d, model, x0[:num_images], t_batch=t_batch, seed=seed, progress=True)
         plot_rate_distortion(rd, out / "fig5_rate_distortion.png")
         write_json(out / "fig5_rate_distortion.json", rd, indent=1)
         numbers["fig5"] = {"total_bpd": rd["total_bpd"], "rate_bpd_at_end": rd["rate_bpd"][-1],
@@ -138,7 +146,8 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         r = loaded.recipe.model.unet_kwargs()
         shape = (n_progressive, r.get("in_channels", 3), r["resolution"], r["resolution"])
         show = sorted({int(round(v)) for v in np.linspace(T - 1, 0, 10)}, reverse=True)
-        grid = progressive_generation(d, model, shape, show_t=show, seed=seed, device=device)
+        figures_more.say(f"Fig. 6: {n_progressive} samples, {T} ancestral steps")
+        grid = progressive_generation(d, model, shape, show_t=show, seed=seed, device=device, progress=True)
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig6_progressive.png", ncol=len(show))
         write_json(out / "fig6_progressive.json", {"t_shown_0based": show, "rows": n_progressive,
                                                    "seed": seed, "what": "pred_x0 at each t (Algorithm 2)"},
@@ -148,7 +157,9 @@ def make_figures(loaded: Pretrained, shards: str, out: str | os.PathLike, *, spl
         lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
         k = max(1, len(x0) // 2)
         k = min(k, 2)
-        grid = interpolation(d, model, x0[:k], x0[k:2 * k], lam, t=interp_t - 1, seed=seed)  # 0-based index
+        figures_more.say(f"Fig. 8: {k} pairs x {len(lam)} lambdas, {interp_t} reverse steps")
+        grid = interpolation(d, model, x0[:k], x0[k:2 * k], lam, t=interp_t - 1, seed=seed,
+                             progress=True)  # 0-based index
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig8_interpolation.png", ncol=grid.shape[1])
         # how far the lambda = 0 / 1 decodings land from their sources (on [0, 255])
         rmse = lambda a, b: float(np.sqrt(((a.astype(np.float64) - b) ** 2).mean()))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,11 @@ from eval.work import gather_share
 from pipeline.atomic import atomic_path, write_json
 from pipeline.rng import eval_generators
 from pipeline.sampling import sample_from
+
+
+def say(msg: str) -> None:
+    """A progress line of `eval figures` (stderr: its stdout ends with the numbers as JSON)."""
+    print(f"figures: {msg}", file=sys.stderr, flush=True)
 
 
 def _rmse(a: np.ndarray, b: np.ndarray) -> float:
@@ -191,6 +197,7 @@ def make_more(loaded, model, x0: torch.Tensor, out: Path, which, args, *, shards
                    "--fig7-t", 1, T)
         k = loaded.recipe.model.unet_kwargs()
         shape = (1, k.get("in_channels", 3), k["resolution"], k["resolution"])
+        say(f"Fig. 7: one chain of {T} steps, {args.fig7_samples} draws from each of {len(ts)} steps")
         grid, info, _ = split_chain_samples(d, model, shape, sorted({t - 1 for t in ts}, reverse=True),
                                             args.fig7_samples, seed, device)
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig7_shared_latent.png", ncol=grid.shape[1])
@@ -199,11 +206,13 @@ def make_more(loaded, model, x0: torch.Tensor, out: Path, which, args, *, shards
     if "9" in which:
         steps = _ints(args.fig9_steps, sorted({T * k // 4 for k in range(5)}), "--fig9-steps", 0, T)
         lam = list(lambdas) if lambdas is not None else [round(v, 3) for v in np.linspace(0, 1, 9)]
+        say(f"Fig. 9: {len(steps)} rows of {len(lam)} decodings")
         grid, info = coarse_to_fine(d, model, x0[:1], x0[1:2], lam, steps, seed)
         save_grid(grid.reshape(-1, *grid.shape[2:]), out / "fig9_coarse_to_fine.png", ncol=grid.shape[1])
         write_json(out / "fig9_coarse_to_fine.json", info, indent=1)
         numbers["fig9"] = {"diffusion_steps": info["diffusion_steps"], "rmse_lambda0_vs_a": info["rmse_lambda0_vs_a"]}
     if "10" in which:
+        say(f"Fig. 10: {args.fig10_samples} samples of {T} steps, scored at {args.fig10_points} steps")
         q = _fig10(loaded, model, args, shards=shards, seed=seed, device=device)
         plot_progressive_quality(q, out / "fig10_progressive_quality.png")
         write_json(out / "fig10_progressive_quality.json", q, indent=1)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from eval.common import EvalError, Precision, accelerator, add_model_args, check_resolution, load_model, manifest_path, resolve
 from eval.results import weights_sha256, write_result
 from pipeline import fast_path
-from pipeline.data import iter_split
+from pipeline.data import iter_split, split_share
 from pipeline.hub import Pretrained
 from pipeline.integrity import file_sha256
 from pipeline.rng import eval_generators
@@ -55,7 +55,10 @@ def run_nll(loaded: Pretrained, shards: str, *, split: str = "test", batch_size:
     d = loaded.diffusion
     rows = []  # per image: total, prior (L_T), L_0, sum L_1..L_{T-1}
     seen = 0
-    bar = tqdm(desc=f"nll [{acc.process_index}]", unit="img", disable=not (progress and acc.is_local_main_process))
+    total = split_share(shards, split, acc.process_index, acc.num_processes)
+    total = total if limit is None else min(total, limit)
+    bar = tqdm(total=total, desc=f"nll [{acc.process_index}] {split}", unit="img", mininterval=2.0,
+               disable=not (progress and acc.is_local_main_process))
     for x, keys in iter_float(shards, split, batch_size, acc.process_index, acc.num_processes, with_keys=True):
         if limit is not None:
             x, keys = x[: limit - seen], keys[: limit - seen]

@@ -1,6 +1,6 @@
 """Samples from outside: a folder of PNG/JPEG images or an ADM / guided-diffusion `.npz` whose
 `arr_0` is uint8 [n, H, W, 3], scored without a model (`eval fid --samples PATH`); and the
-writer of that `.npz` for our own samples (`eval sample --npz`)."""
+writers of that `.npz` and of such a folder for our own samples (`eval sample --npz / --png`)."""
 
 from __future__ import annotations
 
@@ -120,3 +120,25 @@ def write_adm_npz(path: str | os.PathLike, parts, shape: tuple[int, int, int, in
         if written != shape[0]:
             raise EvalError(f"{path}: {written} images written, {shape[0]} expected")
     return path
+
+
+def write_png_folder(folder: str | os.PathLike, chunk_files, total: int) -> int:
+    """Each sample of the chunk files as FOLDER/<global index>.png (zero-padded, so name order is
+    index order: what pytorch-fid and clean-fid read). A name is made from an integer read from
+    the chunk, never from text, so nothing is written outside FOLDER. Returns the images written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(6, len(str(max(total - 1, 0))))
+    written = 0
+    for f in chunk_files:
+        with np.load(f, allow_pickle=False) as z:
+            images, indices = check_images(z["images"], f), z["indices"]
+        if indices.ndim != 1 or len(indices) != len(images) or indices.dtype.kind not in "iu":
+            raise EvalError(f"{f}: its indices do not match its images")
+        for i, im in zip(indices.tolist(), images):
+            if not 0 <= i < total:
+                raise EvalError(f"{f}: sample index {i} outside [0, {total})")
+            with atomic_path(folder / f"{i:0{width}d}.png") as tmp:  # a killed job leaves no half image
+                Image.fromarray(im).save(tmp, format="PNG")
+            written += 1
+    return written

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,18 +119,27 @@ def sampling_model(loaded: Pretrained, precision: str, device) -> Callable:
 
 
 def draw(loaded: Pretrained, model: Callable, indices, *, seed: int, sampler: str, steps: int | None,
-         eta: float, device) -> np.ndarray:
-    """Samples for the given global indices as uint8 [n, H, W, 3]."""
+         eta: float, device, on_step: Callable[[], None] | None = None) -> np.ndarray:
+    """Samples for the given global indices as uint8 [n, H, W, 3]; `on_step()` after each
+    denoising step (a progress bar: at 256x256 one batch of T = 1000 steps takes minutes)."""
     d = loaded.diffusion
     r = loaded.recipe.model.unet_kwargs()
     shape = (len(indices), r.get("in_channels", 3), r["resolution"], r["resolution"])
     gens = eval_generators(seed, indices, device)
+    tick = (lambda *_: on_step()) if on_step is not None else None
     with torch.inference_mode():
         if sampler == "ancestral":
-            x = d.p_sample_loop(model, shape, generator=gens)  # Algorithm 2
+            x = d.p_sample_loop(model, shape, generator=gens, callback=tick)  # Algorithm 2
         else:
-            x = d.ddim_sample_loop(model, shape, steps, eta=eta, generator=gens)
+            x = d.ddim_sample_loop(model, shape, steps, eta=eta, generator=gens, callback=tick)
     return to_uint8(x)
+
+
+def sampling_bar(n_images: int, batch_size: int, steps: int, rank: int, enabled: bool) -> tqdm:
+    """One bar over denoising steps x batches of this process's share (total known up front)."""
+    batches = math.ceil(n_images / batch_size)
+    return tqdm(total=batches * steps, unit="step", mininterval=2.0, disable=not enabled,
+                desc=f"sampling [{rank}] {n_images} images: {batches} batches x {steps} steps")
 
 
 def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int, batch_size: int, seed: int = 0,
@@ -171,11 +181,12 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
     todo, left = box[0]
     mine = split(left, acc.num_processes)[acc.process_index]  # equal shares of samples, not whole chunks
     model = sampling_model(loaded, precision, device)
-    bar = tqdm(total=sum(hi - lo for lo, hi in mine), unit="img",
-               desc=f"sampling [{acc.process_index}]", disable=not acc.is_local_main_process)
+    # One bar per machine (its first process), over its own share.
+    bar = sampling_bar(sum(hi - lo for lo, hi in mine), batch_size, proto["steps"], acc.process_index,
+                       acc.is_local_main_process)
     written = _draw_share(out, mine, chunks, chunk_size, lambda idx: draw(
-        loaded, model, idx, seed=seed, sampler=sampler, steps=steps, eta=eta, device=device), batch_size, bar,
-        stop_after_chunks)
+        loaded, model, idx, seed=seed, sampler=sampler, steps=steps, eta=eta, device=device,
+        on_step=lambda: bar.update(1)), batch_size, stop_after_chunks)
     bar.close()
     acc.wait_for_everyone()
     for c in todo[acc.process_index :: acc.num_processes]:  # chunks drawn in parts: put together
@@ -197,7 +208,7 @@ def run_sampling(loaded: Pretrained, out: str | os.PathLike, *, num_samples: int
 
 
 def _draw_share(out: Path, mine: list, chunks: dict, chunk_size: int, draw_batch: Callable, batch_size: int,
-                bar, stop_after: int | None) -> int:
+                stop_after: int | None) -> int:
     """Draw this process's pieces `mine` ([lo, hi) ranges) in batches that may run across pieces
     and write each piece when it is complete: a whole chunk as the chunk, else as a part.
     Returns the samples written. `stop_after` files (tests) ends early, as a preemption would."""
@@ -207,7 +218,6 @@ def _draw_share(out: Path, mine: list, chunks: dict, chunk_size: int, draw_batch
         idx = flat[b : b + batch_size]
         buf.append(draw_batch(idx))
         have += len(idx)
-        bar.update(len(idx))
         while pieces and have >= pieces[0][1] - pieces[0][0]:
             lo, hi = pieces.pop(0)
             images = np.concatenate(buf)
@@ -359,6 +369,9 @@ def register(subparsers) -> None:
     p.add_argument("--npz", default=None, metavar="PATH",
                    help="also write all samples as PATH, an .npz whose arr_0 is uint8 [n, H, W, 3] (the "
                    "ADM / guided-diffusion format other evaluators read)")
+    p.add_argument("--png", default=None, metavar="DIR",
+                   help="also write each sample as DIR/<index>.png (index zero-padded: the image folder "
+                   "pytorch-fid and clean-fid read)")
     p.set_defaults(func=main)
 
 
@@ -371,6 +384,11 @@ def main(args) -> int:
             chunks = SampleChunks(args.out)
             first = chunks[0]
             write_adm_npz(args.npz, chunks.parts(), (len(chunks), *first.shape))
+        if args.png:
+            from eval.outside import write_png_folder
+
+            n = write_png_folder(args.png, SampleChunks(args.out).files, proto["num_samples"])
+            print(f"wrote {n} PNG images to {args.png}", file=sys.stderr, flush=True)
         label = "" if proto["paper_protocol"] else "  [not the paper's protocol: " + "; ".join(
             proto["paper_protocol_caveats"]) + "]"
         print(json.dumps({"out": str(args.out), **{k: proto[k] for k in ("sampler", "steps", "num_samples")}}) + label)

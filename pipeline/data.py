@@ -427,6 +427,13 @@ class TrainLoader:
         self.corrupt = dict(state.get("corrupt", {}))
 
 
+def split_share(source, split: str = "test", rank: int = 0, world_size: int = 1, limit: int | None = None) -> int:
+    """How many samples `iter_split` gives rank `rank` (a progress bar's total)."""
+    n = len(ShardSet(source, split))
+    n = n if limit is None else min(limit, n)
+    return n * (rank + 1) // world_size - n * rank // world_size
+
+
 def iter_split(source, split: str = "test", batch_size: int = 64, rank: int = 0, world_size: int = 1,
                with_keys: bool = False, limit: int | None = None):
     """Each sample of `split` exactly once, in manifest order, as uint8 [b, 3, H, W] tensors

@@ -305,9 +305,10 @@ class GaussianDiffusion:
                                       callback=callback, device=device, x_T=x_T)
 
     def ddim_sample_loop(self, model, shape, steps: int, eta: float = 0.0,
-                         generator: Generator = None, progress: bool = False, device=None, x_T=None):
+                         generator: Generator = None, progress: bool = False, device=None, x_T=None,
+                         callback: Optional[Callable] = None):
         return sampling.ddim_sample_loop(self, model, shape, steps, eta=eta, generator=generator,
-                                         progress=progress, device=device, x_T=x_T)
+                                         progress=progress, device=device, x_T=x_T, callback=callback)
 
     def interpolate(self, model, x0_a, x0_b, lambdas, t: int = 499, generator: Generator = None,
                     progress: bool = False):

@@ -260,6 +260,9 @@ def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[
     except RevisionNotFoundError:
         raise LoadError(f"{repo_id}: no revision '{revision}' on the Hub") from None
     except RepositoryNotFoundError:
+        if _is_dataset(api, repo_id):  # a 404 for the model, but the name is a data set repo
+            raise LoadError(f"{repo_id}: not a model repo on the Hub but a data set repo (for data.shards or "
+                            "data_prep hf --dataset); name a model repo, a run directory or a checkpoint") from None
         raise LoadError(f"{repo_id}: no such repo on the Hub (or it is private and your token cannot read it)") from None
     except HfHubHTTPError as e:
         raise LoadError(f"{repo_id}: Hub request failed: {str(e).splitlines()[0]}") from None
@@ -271,6 +274,14 @@ def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[
         raise LoadError(f"{repo_id}: cannot download from the Hub, and it is not cached: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return folder, f"{repo_id}@{folder.name}"  # the cache folder of a snapshot is named by its commit
+
+
+def _is_dataset(api, repo_id: str) -> bool:
+    try:
+        api.dataset_info(repo_id)
+        return True
+    except Exception:  # any answer but a data set's: the plain "no such repo" stands
+        return False
 
 
 def _cached_snapshot(repo_id: str, revision: str | None) -> Path | None:

@@ -108,6 +108,12 @@ def _fetch_hub(repo_id: str, revision: str | None, count_samples) -> Path:
         try:
             path = hf_hub_download(repo_id, name, repo_type="dataset", revision=commit, local_dir=dest.parent)
         except (HfHubHTTPError, OSError, httpx2.TransportError) as e:
+            if name == "manifest.json" and getattr(getattr(e, "response", None), "status_code", None) == 404:
+                # an ordinary image data set repo (parquet, image folders), not data_prep's shards
+                raise RemoteShardsError(
+                    f"data.shards={repo_id}: this Hub data set holds no data_prep shards (no manifest.json); "
+                    f"convert it once: python -m data_prep hf --dataset {repo_id} --out data/{_safe(repo_id.split('/')[-1])}"
+                    f" --resolution N, then set data.shards to that folder") from None
             raise RemoteShardsError(f"data.shards={repo_id}@{commit[:12]}: cannot download {name}: "
                                     f"{str(e).splitlines()[0]}") from None
         if Path(path) != dest:

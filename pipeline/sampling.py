@@ -17,7 +17,8 @@ from pipeline.rng import randn_like_batch
 
 
 def maybe_tqdm(it, progress: bool, **kw):
-    return tqdm(it, **kw) if progress else it
+    # mininterval: a bar in a log file (Slurm) adds a line per refresh; every 2 s is enough
+    return tqdm(it, mininterval=2.0, **kw) if progress else it
 
 
 def _device_of(generator, device, model=None):
@@ -75,9 +76,11 @@ def p_sample_loop(diffusion, model, shape, generator=None, progress: bool = Fals
 
 @torch.no_grad()
 def ddim_sample_loop(diffusion, model, shape, steps: int, eta: float = 0.0, generator=None,
-                     progress: bool = False, device=None, x_T=None):
+                     progress: bool = False, device=None, x_T=None, callback: Optional[Callable] = None):
     """DDIM (Song et al. 2021), BEYOND THE PAPER: `steps` evenly spaced steps, eta=0 deterministic,
-    eta=1 matches the ancestral variance (beta-tilde) on the sub-sequence."""
+    eta=1 matches the ancestral variance (beta-tilde) on the sub-sequence.
+
+    `callback(t, x_t, pred_x0)` is called at every step taken, as in `p_sample_loop`."""
     T = diffusion.num_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"ddim_sample_loop: steps={steps} must lie in [1, {T}]")
@@ -90,6 +93,8 @@ def ddim_sample_loop(diffusion, model, shape, steps: int, eta: float = 0.0, gene
         t = torch.full((B,), i, dtype=torch.long, device=x.device)
         p = diffusion.p_mean_variance(model, x, t, clip_denoised=True)
         x0 = p["pred_x0"]
+        if callback is not None:
+            callback(i, x, x0)
         eps = diffusion.predict_eps_from_x0(x, t, x0)
         a_t = float(acp[i])
         a_prev = float(acp[ts[j + 1]]) if j + 1 < len(ts) else 1.0

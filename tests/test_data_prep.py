@@ -285,6 +285,21 @@ def test_truncated_file_and_limit(tmp_path):
     assert m["inputs"] == 3 and m["limit"] == 3
 
 
+def test_test_count_counts_usable_inputs(tmp_path):
+    """--test-count N gives N test samples even when an input the hash picked for test is skipped
+    (it goes to train, skipped and recorded there): issue 24's `--test-count 8` gave 7."""
+    make_image_folder(tmp_path / "imgs", n=9, size=20, seed=5)
+    src = FolderSource(tmp_path / "imgs")
+    first = min(src.items(), key=lambda it: key_hash(it[0]))  # the first the hash sends to test
+    Path(first[2]).write_bytes(b"not an image")
+    m = prepare(src, tmp_path / "out", resolution=16, test_count=3, progress=False)
+    assert m["splits"]["test"]["count"] == 3 and m["splits"]["train"]["count"] == 5
+    assert [(s["key"], s["split"]) for s in m["skipped"]] == [(first[0], "train")]
+    test = read_shards(tmp_path / "out", "test")
+    good = sorted((key_hash(k), k) for k, _, _ in src.items() if k != first[0])
+    assert sorted(test) == sorted(k for _, k in good[:3])  # the next ones by hash, the same on every run
+
+
 def test_cli_out_is_a_file_exit_2(tmp_path, capsys):
     src = make_cifar10_batches(tmp_path / "c", n_train=5, n_test=1)
     (tmp_path / "afile").write_text("x")

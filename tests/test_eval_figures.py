@@ -1,6 +1,7 @@
 """eval figures: Figs. 5, 6, 8 written as PNG + JSON, with numbers that obey their definitions."""
 
 import json
+import re
 
 import numpy as np
 from PIL import Image
@@ -35,6 +36,10 @@ def test_cli_figures_writes_pngs_and_numbers(tmp_path):
     out = tmp_path / "fig"
     r = run_eval("figures", ck, "--out", out, "--num-images", 4, "--rows", 3, "--interp-t", 20, "--lambdas", "0,0.5,1")
     assert r.returncode == 0, r.stderr[-3000:]
+    # progress: a line per figure and a bar with its total (T = 40, 5 steps per call; t = 20)
+    assert "figures: Fig. 5" in r.stderr and "figures: Fig. 6" in r.stderr and "figures: Fig. 8" in r.stderr
+    for bar in (r"bpd: 100%.*\b8/8\b", r"sampling: 100%.*\b40/40\b", r"sampling: 100%.*\b20/20\b"):
+        assert re.search(bar, r.stderr), (bar, r.stderr[-2000:])
     for name in ("fig5_rate_distortion", "fig6_progressive", "fig8_interpolation"):
         assert (out / f"{name}.png").stat().st_size > 500 and (out / f"{name}.json").is_file()
     fig6 = json.loads((out / "fig6_progressive.json").read_text())

@@ -133,3 +133,24 @@ def test_the_recipes_fast_path_samples_like_the_plain_path(ckpt, tmp_path):
     a = load_samples(tmp_path / "plain").astype(int)
     b = load_samples(tmp_path / "nhwc").astype(int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_png_folder_holds_each_sample_by_its_index(ckpt, tmp_path):
+    from PIL import Image
+
+    from eval.outside import ImageFolder
+
+    out, png = tmp_path / "s", tmp_path / "png"
+    png.mkdir()
+    (png / "keep.txt").write_text("theirs")  # a folder that holds other files keeps them
+    r = run_eval("sample", ckpt, "--out", out, "--num-samples", 5, "--batch-size", 2, "--chunk-size", 2,
+                 "--sampler", "ddim", "--steps", 2, "--png", png)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote 5 PNG images" in r.stderr
+    assert sorted(p.name for p in png.iterdir()) == [f"{i:06d}.png" for i in range(5)] + ["keep.txt"]
+    samples = load_samples(out)
+    for i in range(5):
+        np.testing.assert_array_equal(np.asarray(Image.open(png / f"{i:06d}.png")), samples[i])
+    folder = ImageFolder(png)  # what `eval fid --samples DIR` reads back: the same images in order
+    np.testing.assert_array_equal(np.stack([folder[i] for i in range(len(folder))]), samples)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["png", "s"]  # nothing written beside DIR

@@ -163,3 +163,34 @@ def test_two_process_training_from_a_hub_dataset_sees_each_sample_once_per_epoch
     single = TrainLoader(shards, batch_size=4, seed=7, random_flip=False, num_workers=0)
     assert stream == _stream(single, 12)  # as local shards on one process: world-size independent
     assert list((tmp_path / "node-cache").rglob(".complete"))  # fetched once into the node's cache
+
+
+def test_an_ordinary_hub_image_dataset_is_refused_with_the_command_that_converts_it(hub, tmp_path, monkeypatch):
+    """data.shards naming a Hub data set of parquet files (not data_prep's shards): one line that
+    says how to convert it, not `cannot download manifest.json: 404`."""
+    from huggingface_hub import HfApi
+
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
+    api = HfApi()
+    api.create_repo("alice/plain-images", repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"PAR1 not really", path_in_repo="data/train-00000-of-00001.parquet",
+                    repo_id="alice/plain-images", repo_type="dataset")
+    with pytest.raises(RemoteShardsError) as e:
+        ShardSet("alice/plain-images", "train")
+    msg = str(e.value)
+    assert "python -m data_prep hf --dataset alice/plain-images --out data/plain-images" in msg and "\n" not in msg
+    env = {**hub_env(hub, tmp_path / "hf-home"), "DDPM_SHARDS_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}
+    r = sp.run([sys.executable, "-m", "eval", "ref-stats", "alice/plain-images", "--out", str(tmp_path / "r.npz"),
+                "--feature-extractor", "tiny-seeded=support.features:TinyFeatures"], cwd=ROOT, env=env,
+               capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "data_prep hf --dataset" in r.stderr
+    # The same name as a model (a 404 from the model API): one line that says what it is, no traceback.
+    for name, says in (("alice/plain-images", "not a model repo on the Hub but a data set repo"),
+                       ("alice/nope", "no such repo on the Hub")):
+        r = sp.run([sys.executable, "-m", "eval", "sample", name, "--out", str(tmp_path / "s"), "--num-samples", "1"],
+                   cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {name}: ") and says in last

@@ -179,7 +179,7 @@ def test_eval_across_two_nodes_gives_the_same_fid(cluster, workdir, reference, i
     assert "hostname=ddpm-node1" in logs[0] and "hostname=ddpm-node2" in logs[1]
     # Each node drew one of the two chunks and extracted half of the features (rank 0 reports its share).
     assert two_samples["processes"] == 2 and "sampling [0]" in logs[0] and "sampling [1]" in logs[1]
-    assert re.search(r"reference features \(train\): 2img", logs[0]) and re.search(r"sample features: 100%.* 1/1", logs[0])
+    assert re.search(r"reference features \(train\): 100%.* 2/2", logs[0]) and re.search(r"sample features: 100%.* 1/1", logs[0])
     assert two_samples["checksums"] == one_samples["checksums"]  # the same images
     assert two["metrics"]["fid"] == one["metrics"]["fid"]
     print(f"\nFID on 2 nodes x 1 process: {two['metrics']['fid']!r}; on 1 node x 2: {one['metrics']['fid']!r}; "
