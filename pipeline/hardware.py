@@ -8,6 +8,8 @@ plain CPU run (it silently runs fp16 as float32 without a loss scaler there).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 
@@ -43,3 +45,15 @@ def _device_description(device_type: str) -> str:
     if device_type == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU ({torch.backends.cpu.get_cpu_capability()})"
+
+
+class _NoCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Accelerate imports DeepSpeed when it is installed, and DeepSpeed then warns on every CPU
+    run that it found no GPU. The trainer already names its device ("U-Net on cpu"), so that
+    warning says nothing that applies; every other DeepSpeed message stays."""
+    logging.getLogger("DeepSpeed").addFilter(_NoCpuNotice())

@@ -74,7 +74,10 @@ def run(args: argparse.Namespace, hooks=None) -> int:
     choose_checkpoint(recipe.run.output_dir, args.resume_from, args.no_resume)  # refused here, before torch loads
     # Imported here: torch, Accelerate and DeepSpeed take seconds to import, and --help,
     # --dry-run and a recipe refused above need none of them.
+    from pipeline.hardware import quiet_deepspeed_cpu_notice
     from pipeline.trainer import train
+
+    quiet_deepspeed_cpu_notice()
 
     if os.environ.get("RANK", "0") == "0":
         publish.check_token(recipe.run)  # a token that cannot push fails now, not after training

@@ -208,6 +208,16 @@ def test_dry_run_prints_resolved_recipe(tmp_path, shards):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_cpu_run_prints_no_warning_that_does_not_apply(tmp_path, shards):
+    """DeepSpeed (imported by Accelerate) warns on every CPU run that it found no GPU; the trainer
+    names its device itself."""
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", train={"max_steps": 1})
+    r = _cli(str(recipe))
+    assert r.returncode == 0, r.stderr
+    assert "U-Net on cpu" in r.stdout + r.stderr
+    assert "Setting accelerator to CPU" not in r.stderr and "WARNING" not in r.stderr, r.stderr
+
+
 def test_help_explains():
     r = _cli("--help")
     assert r.returncode == 0 and "section.key=value" in r.stdout and "75" in r.stdout
