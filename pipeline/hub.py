@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,9 @@ def _fetch_from_hub(repo_id: str, revision: str | None, use_ema: bool) -> tuple[
         if not wanted:
             raise LoadError(f"{repo_id}: the Hub repo holds no model in our or diffusers' layout "
                             f"(files: {', '.join(sorted(files)) or 'none'})")
+        # Said before the Hub client's own byte bars: which repo, ref and commit is coming down.
+        print(f"fetching {repo_id} at {revision or 'main'} (commit {(info.sha or '?')[:12]}): "
+              f"{len(wanted)} files", file=sys.stderr, flush=True)
         # snapshot_download resolves the revision to one commit and records the ref in the cache,
         # so the same call works offline later; only the files of the chosen layout come down.
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=wanted))

@@ -127,10 +127,11 @@ def test_early_diffusers_attention_names_load_like_diffusers(tmp_path):
         torch.testing.assert_close(ours(x, t), ref(x, t).sample, rtol=0, atol=1e-5)
 
 
-def test_pull_uses_the_cache_when_the_hub_is_unreachable(hub, tmp_path):
+def test_pull_uses_the_cache_when_the_hub_is_unreachable(hub, tmp_path, capsys):
     run = make_run(tmp_path / "run", results=False)
     out = push_to_hub(run, "alice/cached")
     first = load_pretrained("alice/cached")
+    assert f"fetching alice/cached at main (commit {out['commit'][:12]}): " in capsys.readouterr().err
     hub.stop()  # connection refused from now on
     again = load_pretrained("alice/cached")
     assert again.source == first.source == f"alice/cached@{out['commit']}"
