@@ -1,0 +1,166 @@
+"""The trust boundary, round 2 (issue 23): the newer input surfaces hold to the threat model of
+the README. Manifests and checksum lists of remote shards and of `data_prep push` never name a
+file outside their folder; one trainer per run folder; `--resume-from` verified like an automatic
+resume; DeepSpeed checkpoints read without unpickling code. Every case is refused in one line
+(exit 2) before anything is fetched, written, uploaded or run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess as sp
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.hub import push_shards
+from data_prep.sources import PrepError
+from pipeline.data import TrainLoader
+from pipeline.remote_shards import RemoteShardsError
+from pipeline.safe_names import name_problem
+from support.hub import ROOT, hub_env
+from support.training import make_tiny_shards, train_cmd, write_recipe
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _files(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+# ------------------------------------------------------------------ names a listing gives
+
+
+@pytest.mark.parametrize("name, subfolders, ok", [
+    ("train-000000.tar", False, True),
+    ("accelerate/model.safetensors", True, True),
+    ("accelerate/model.safetensors", False, False),
+    ("/etc/passwd", True, False),
+    ("../x.tar", True, False),
+    ("a/../../x.tar", True, False),
+    ("a//b", True, False),
+    ("./x.tar", False, False),
+    ("..\\x.tar", False, False),
+    ("C:x.tar", False, False),
+    ("x\0.tar", False, False),
+    ("", False, False),
+    (None, False, False),
+    (["x.tar"], False, False),
+    ("x" * 2000, False, False),
+])
+def test_one_rule_for_names_in_listings(name, subfolders, ok):
+    assert (name_problem(name, subfolders=subfolders) is None) == ok
+
+
+# ------------------------------------------------------------------ row 1: remote shards (fsspec URL)
+
+
+def _source_with(tmp_path: Path, shards: Path, name: str, checksums: dict | None = None) -> Path:
+    """A copy of `shards` whose manifest names its first train shard `name` (what an attacker's
+    bucket serves), with the file that name reaches put there so a fetch would succeed."""
+    src = tmp_path / "bucket" / "data"
+    shutil.copytree(shards, src)
+    m = json.loads((src / "manifest.json").read_text())
+    first = m["splits"]["train"]["shards"][0]
+    reached = Path(os.path.normpath(src / name))
+    if "\0" not in name and "\\" not in name:
+        reached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / first["name"], reached)
+    first["name"] = name
+    (src / "manifest.json").write_text(json.dumps(m))
+    if checksums is not None:
+        (src / "checksums.json").write_text(json.dumps(checksums))
+    return src
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "deep dotdot", "backslash", "NUL", "sub-folder"])
+def test_remote_manifest_naming_a_file_outside_is_refused_before_any_fetch(tmp_path, monkeypatch, kind):
+    shards = make_tiny_shards(tmp_path / "shards")
+    name = {"absolute": str(tmp_path / "elsewhere" / "victim.tar"), "dotdot": "../escape.tar",
+            "deep dotdot": "x/../../../escape.tar", "backslash": "..\\escape.tar", "NUL": "a\0.tar",
+            "sub-folder": "sub/train.tar"}[kind]
+    src = _source_with(tmp_path, shards, name)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(cache))
+    before = _files(tmp_path)
+    with pytest.raises(RemoteShardsError) as e:
+        TrainLoader(f"file://{src}", batch_size=4, seed=0, num_workers=0)
+    msg = str(e.value)
+    assert "\n" not in msg and f"data.shards=file://{src}: manifest.json: splits.train.shards[0].name" in msg
+    # Nothing fetched or written: no shard in the cache, nothing new anywhere else.
+    assert not any(f.endswith(".tar") for f in _files(cache)), _files(cache)
+    assert _files(tmp_path) - {f"cache/{f}" for f in _files(cache)} == before
+
+
+def test_remote_checksums_naming_a_file_outside_is_refused(tmp_path, monkeypatch):
+    shards = make_tiny_shards(tmp_path / "shards")
+    src = tmp_path / "bucket"
+    shutil.copytree(shards, src)
+    (src / "checksums.json").write_text(json.dumps({"../../x.tar": {"sha256": "0" * 64, "bytes": 1}}))
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(RemoteShardsError, match=r"checksums.json: entry '../../x.tar' has an empty, '.' or '..' part"):
+        TrainLoader(f"file://{src}", batch_size=4, seed=0, num_workers=0)
+    assert not any(f.endswith(".tar") for f in _files(tmp_path / "cache"))
+
+
+def test_remote_manifest_refusal_is_one_line_exit_2_from_the_trainer(tmp_path):
+    shards = make_tiny_shards(tmp_path / "shards")
+    src = _source_with(tmp_path, shards, "../escape.tar")
+    recipe = write_recipe(tmp_path / "r.yaml", f"file://{src}", tmp_path / "run")
+    cmd, env = train_cmd(recipe, "train.max_steps=2")
+    r = sp.run(cmd, env={**env, "DDPM_SHARDS_CACHE": str(tmp_path / "cache")}, cwd=ROOT, capture_output=True,
+               text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "manifest.json: splits.train.shards[0].name: '../escape.tar'" in one_error_line(r.stderr)
+    assert not any(f.endswith(".tar") for f in _files(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------ row 2: data_prep push
+
+
+def _push_source(tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """A finished-looking data_prep output whose manifest reaches a secret: (folder, secret)."""
+    shards = make_tiny_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    shutil.copytree(shards, out)
+    secret = tmp_path / "home" / "id_rsa.tar"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    m = json.loads((out / "manifest.json").read_text())
+    first = m["splits"]["train"]["shards"][0]
+    (out / first["name"]).unlink()
+    if kind == "absolute":
+        first["name"] = str(secret)
+    elif kind == "dotdot":
+        first["name"] = "../home/id_rsa.tar"
+    else:  # a symbolic link under the listed name
+        (out / first["name"]).symlink_to(secret)
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out, secret
+
+
+@pytest.mark.parametrize("kind, want", [
+    ("absolute", r"manifest.json: splits.train.shards\[0\].name: '/.*id_rsa.tar' is an absolute path"),
+    ("dotdot", r"manifest.json: splits.train.shards\[0\].name: '../home/id_rsa.tar' has an empty, '.' or '..' part"),
+    ("symlink", r"train-000000.tar: listed in manifest.json but a symbolic link"),
+])
+def test_push_of_a_manifest_naming_a_file_outside_uploads_nothing(hub, tmp_path, kind, want):
+    out, _ = _push_source(tmp_path, kind)
+    with pytest.raises(PrepError, match=want) as e:
+        push_shards(out, "alice/leak")
+    assert "\n" not in str(e.value)
+    assert hub.requests == []  # refused before the Hub was contacted: nothing uploaded, no repo made
+
+
+def test_push_refusal_is_one_line_exit_2_from_the_cli(hub, tmp_path):
+    out, _ = _push_source(tmp_path, "absolute")
+    r = sp.run([sys.executable, "-m", "data_prep", "push", str(out), "--repo-id", "alice/leak"], cwd=ROOT,
+               env=hub_env(hub, tmp_path / "hf-home"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "splits.train.shards[0].name" in one_error_line(r.stderr) and hub.requests == []
