@@ -16,6 +16,7 @@ from pathlib import Path
 from pipeline import atomic
 from pipeline.checkpoint import is_complete, latest_checkpoint
 from pipeline.config import RecipeError
+from pipeline.run_lock import LOCK_NAME
 
 MARKER = "resumed_from"  # RUN/resumed_from: the checkpoint a --resume-from launch started from
 
@@ -28,7 +29,8 @@ def choose_checkpoint(run_dir: str | os.PathLike, resume_from: str | None = None
     if no_resume and resume_from:
         raise RecipeError("--no-resume and --resume-from exclude each other")
     if no_resume:
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        # A lock file alone is what a trainer killed before its first write leaves: nothing to lose.
+        if run_dir.exists() and (not run_dir.is_dir() or any(p.name != LOCK_NAME for p in run_dir.iterdir())):
             raise RecipeError(f"run.output_dir={run_dir} is not empty and --no-resume starts fresh: "
                               "choose an empty folder (e.g. run.output_dir=runs/new), or drop --no-resume to resume")
         return None

@@ -164,3 +164,87 @@ def test_push_refusal_is_one_line_exit_2_from_the_cli(hub, tmp_path):
                env=hub_env(hub, tmp_path / "hf-home"), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert "splits.train.shards[0].name" in one_error_line(r.stderr) and hub.requests == []
+
+
+# ------------------------------------------------------------------ row 5: one trainer per run folder
+
+HOLD = "import sys; from pipeline import run_lock; run_lock.acquire(sys.argv[1]); print('held', flush=True); sys.stdin.read()"
+
+
+def _holder(run_dir: Path) -> sp.Popen:
+    """Another process that takes the run folder's lock and keeps it until its stdin closes."""
+    p = sp.Popen([sys.executable, "-c", HOLD, str(run_dir)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                 stdin=sp.PIPE, stdout=sp.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.mark.parametrize("state, want", [
+    ("held by a live process", "in use by another trainer (host {host}, pid {pid}"),
+    ("left by a killed process", "the trainer that held this run folder (host {host}, pid {pid}, since"),
+    ("left empty", None),
+    ("a symbolic link", "cannot open the run folder's lock"),
+])
+def test_run_folder_lock_states(tmp_path, state, want):
+    import socket
+
+    from pipeline import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pid = None
+    holder = None
+    if state.startswith(("held", "left by")):
+        holder = _holder(run)
+        pid = holder.pid
+        if state.startswith("left by"):
+            holder.kill()  # SIGKILL: no exit handler removes the file
+            holder.wait()
+            assert (run / ".lock").is_file()
+    elif state == "left empty":
+        (run / ".lock").write_text("")
+    else:
+        (run / ".lock").symlink_to(tmp_path / "elsewhere")
+    want = want and want.format(host=socket.gethostname(), pid=pid)
+    notices = []
+    try:
+        if state in ("held by a live process", "a symbolic link"):
+            with pytest.raises(run_lock.RunLockedError) as e:
+                run_lock.acquire(run, notice=notices.append)
+            assert want in str(e.value) and "\n" not in str(e.value)
+            assert not (tmp_path / "elsewhere").exists()
+        else:  # taken: with one notice naming the dead holder, or silently when it named nobody
+            run_lock.acquire(run, notice=notices.append)
+            assert len(notices) == 1 and want in notices[0] if want else notices == []
+            assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+            run_lock.release(run)
+            assert not (run / ".lock").exists()
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.stdin.close()
+            holder.wait()
+
+
+def test_second_trainer_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    """Real processes: a holder of RUN/.lock and the real trainer CLI."""
+    import socket
+
+    shards = make_tiny_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, run)
+    cmd, env = train_cmd(recipe, "train.max_steps=2")
+    holder = _holder(run)
+    try:
+        r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2, r.stdout + r.stderr
+        line = one_error_line(r.stderr)
+        assert f"is in use by another trainer (host {socket.gethostname()}, pid {holder.pid}," in line
+        assert sorted(p.name for p in run.iterdir()) == [".lock"]  # nothing written
+    finally:
+        holder.kill()  # dies holding it: the file stays, naming a process that is gone
+        holder.wait()
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    taken = [ln for ln in r.stdout.splitlines() if "lock taken over" in ln]
+    assert len(taken) == 1 and f"pid {holder.pid}," in taken[0], r.stdout
+    assert (run / "checkpoints" / "step-00000002").is_dir() and not (run / ".lock").exists()
