@@ -248,3 +248,72 @@ def test_second_trainer_on_a_run_folder_is_refused_and_a_dead_ones_lock_taken_ov
     taken = [ln for ln in r.stdout.splitlines() if "lock taken over" in ln]
     assert len(taken) == 1 and f"pid {holder.pid}," in taken[0], r.stdout
     assert (run / "checkpoints" / "step-00000002").is_dir() and not (run / ".lock").exists()
+
+
+# ------------------------------------------------------------------ row 4: --resume-from is verified
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real run's checkpoint step 2 (the trainer CLI, one process): (shards, checkpoint)."""
+    tmp = tmp_path_factory.mktemp("trained")
+    shards = make_tiny_shards(tmp / "shards")
+    recipe = write_recipe(tmp / "r.yaml", shards, tmp / "run", train={"max_steps": 2})
+    cmd, env = train_cmd(recipe)
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return shards, tmp / "run" / "checkpoints" / "step-00000002"
+
+
+def _flip_byte(p: Path) -> None:
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+
+
+def _truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def _drop_checksums(ckpt: Path) -> None:
+    """As a checkpoint written before checksums were recorded."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    del state["files"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("case, damage, want", [
+    ("altered weights", lambda c: _flip_byte(c / "model.safetensors"),
+     "damaged checkpoint step-00000002: model.safetensors does not match its sha256"),
+    ("truncated EMA", lambda c: _truncate(c / "ema.safetensors"),
+     "damaged checkpoint step-00000002: ema.safetensors has"),
+    ("altered optimizer state", lambda c: _flip_byte(c / "accelerate" / "optimizer.bin"),
+     "damaged checkpoint step-00000002: accelerate/optimizer.bin does not match its sha256"),
+    ("missing model", lambda c: (c / "accelerate" / "model.safetensors").unlink(),
+     "damaged checkpoint step-00000002: accelerate/model.safetensors is missing"),
+    ("listing names a file outside", lambda c: (c / "trainer_state.json").write_text(json.dumps(
+        {**json.loads((c / "trainer_state.json").read_text()), "files": {"../../../etc/passwd": {}}})),
+     "lists a bad file entry: '../../../etc/passwd' has an empty, '.' or '..' part"),
+    ("truncated, from before checksums", lambda c: (_drop_checksums(c), _truncate(c / "accelerate" / "model.safetensors")),
+     "unreadable weights"),
+])
+def test_resume_from_a_damaged_checkpoint_is_refused_in_one_line(trained, tmp_path, case, damage, want):
+    shards, good = trained
+    ckpt = tmp_path / "copy" / "checkpoints" / good.name
+    shutil.copytree(good, ckpt)
+    damage(ckpt)
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, run, train={"max_steps": 4})
+    cmd, env = train_cmd(recipe, "--resume-from", str(ckpt))
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert want in one_error_line(r.stderr) and "Traceback" not in r.stderr
+    assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()  # nothing trained or kept
+
+
+def test_resume_from_an_intact_checkpoint_still_resumes(trained, tmp_path):
+    shards, good = trained
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", train={"max_steps": 3})
+    cmd, env = train_cmd(recipe, "--resume-from", str(good))
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"resumed from {good} at step 2" in r.stdout, r.stdout + r.stderr
