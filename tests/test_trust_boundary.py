@@ -317,3 +317,114 @@ def test_resume_from_an_intact_checkpoint_still_resumes(trained, tmp_path):
     cmd, env = train_cmd(recipe, "--resume-from", str(good))
     r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"resumed from {good} at step 2" in r.stdout, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ row 3: DeepSpeed files, weights only
+
+
+class _Call:
+    """Pickles to a call of `fn(*args)`: what an attacker's checkpoint file holds."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _zero_state(extra=None) -> dict:
+    """The shape of a ZeRO-2 optimizer states file (what DeepSpeed writes), plus `extra`."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    opt = {"loss_scaler": LossScaler(1.0), "dynamic_loss_scale": False, "overflow": False, "clip_grad": 1.0,
+           "base_optimizer_state": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]},
+           "single_partition_of_fp32_groups": [torch.ones(3)], "zero_stage": ZeroStageEnum.gradients,
+           "param_slice_mappings": [{"w": fragment_address(numel=3, start=0)}],
+           "fp16": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False)}
+    return {"optimizer_state_dict": {**opt, **(extra or {})}, "ds_config": {"train_batch_size": 4}, "ds_version": "0.19"}
+
+
+@pytest.mark.parametrize("payload, type_name", [
+    ("os.system", "posix.system"),
+    ("exec", "builtins.exec"),
+    ("subprocess", "subprocess.Popen"),
+    ("in a loss scaler", "posix.system"),
+])
+def test_deepspeed_file_that_runs_code_is_refused_and_nothing_runs(tmp_path, payload, type_name):
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from pipeline.deepspeed_load import ForeignCheckpointError, weights_only
+
+    marker = tmp_path / "PWNED"
+    call = {"os.system": _Call(os.system, f"touch {marker}"),
+            "exec": _Call(exec, f"open({str(marker)!r}, 'w').close()"),
+            "subprocess": _Call(sp.Popen, ["touch", str(marker)])}.get(payload)
+    if payload == "in a loss scaler":  # inside an allowed type: its state is read weights-only too
+        call = LossScaler(1.0)
+        call.cur_scale = _Call(os.system, f"touch {marker}")
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(_zero_state({"extra": call}), path)
+    engine = TorchCheckpointEngine()  # DeepSpeed's own engine, as the trainer's DeepSpeed engine holds it
+    with weights_only([type("Engine", (), {"checkpoint_engine": engine})()]):
+        with pytest.raises(ForeignCheckpointError) as e:
+            engine.load(str(path), map_location="cpu")
+    assert f"{path}: not read: it holds the type {type_name}" in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+    assert "load" not in vars(engine)  # DeepSpeed's engine is as it was outside a restore
+
+
+def test_genuine_deepspeed_state_still_loads(tmp_path):
+    import torch
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from pipeline.deepspeed_load import weights_only
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(_zero_state(), path)
+    engine = TorchCheckpointEngine()
+    with weights_only([type("Engine", (), {"checkpoint_engine": engine})()]):
+        got = engine.load(str(path), map_location="cpu")
+    opt = got["optimizer_state_dict"]
+    assert opt["loss_scaler"].cur_scale == 1.0 and int(opt["zero_stage"]) == 2
+    assert torch.equal(opt["single_partition_of_fp32_groups"][0], torch.ones(3))
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_of_a_file_with_code_is_refused_and_a_genuine_one_resumes(tmp_path):
+    """A real DeepSpeed (ZeRO-2, CPU) checkpoint whose optimizer states file is replaced by one
+    that runs code, with the checksums rewritten to match (as an attacker would): refused, the
+    code not run; the genuine file resumes."""
+    import torch
+
+    from pipeline.deepspeed_load import _types
+    from pipeline.integrity import digests
+
+    shards = make_tiny_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, run, train={"max_steps": 2})
+    cmd, env = train_cmd(recipe, deepspeed=True, procs=1)
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step-00000002"
+    (f,) = (ckpt / "accelerate" / "pytorch_model").glob("zero_pp_rank_0_*_optim_states.pt")
+    genuine, state_file = f.read_bytes(), (ckpt / "trainer_state.json").read_text()
+    with torch.serialization.safe_globals(_types()):
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    marker = tmp_path / "PWNED"
+    state["optimizer_state_dict"]["loss_scaler"] = _Call(os.system, f"touch {marker}")
+    torch.save(state, f)
+    (ckpt / "trainer_state.json").write_text(json.dumps({**json.loads(state_file), "files": digests(ckpt)}))
+    cmd, env = train_cmd(recipe, "train.max_steps=4", deepspeed=True, procs=1)
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and not marker.exists(), r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert errors and f"{f.name}: not read: it holds the type posix.system" in errors[0], r.stderr[-3000:]
+    f.write_bytes(genuine)
+    (ckpt / "trainer_state.json").write_text(state_file)
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and f"resumed from {ckpt} at step 2" in r.stdout, r.stderr[-3000:]
