@@ -428,3 +428,34 @@ def test_deepspeed_resume_of_a_file_with_code_is_refused_and_a_genuine_one_resum
     (ckpt / "trainer_state.json").write_text(state_file)
     r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and f"resumed from {ckpt} at step 2" in r.stdout, r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ row 12: RUN/tracker.json
+
+
+@pytest.mark.parametrize("tracker, content, want", [
+    ("wandb", {"tracker": "wandb", "run_id": "a/b"}, "run_id: 'a/b' is not a W&B name"),
+    ("wandb", {"tracker": "wandb", "run_id": ["x"]}, "run_id: expected a non-empty string"),
+    ("wandb", {"tracker": "wandb", "run_id": "abc", "project": {"p": 1}}, "project: \"{'p': 1}\" is not a W&B name"),
+    ("wandb", ["tracker", "wandb"], "expected a JSON object, got list"),
+    ("tensorboard", {"tracker": "tensorboard", "run_id": "../../outside"}, "run_id: '../../outside' has an empty"),
+    ("tensorboard", {"tracker": "mlflow", "run_id": "x"}, "tracker: 'mlflow' is neither"),
+    ("tensorboard", "{not json", "unreadable (JSONDecodeError)"),
+    ("tensorboard", "a directory", "not a regular file"),
+])
+def test_damaged_tracker_state_is_refused_in_one_line_before_any_work(tmp_path, tracker, content, want):
+    shards = make_tiny_shards(tmp_path / "shards")
+    run = tmp_path / "run"
+    run.mkdir()
+    state = run / "tracker.json"
+    if content == "a directory":
+        state.mkdir()
+    else:
+        state.write_text(content if isinstance(content, str) else json.dumps(content))
+    recipe = write_recipe(tmp_path / "r.yaml", shards, run, run={"tracker": tracker})
+    cmd, env = train_cmd(recipe, "train.max_steps=2")
+    r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = one_error_line(r.stderr)
+    assert f"{state}: {want}" in line and "move it away" in line, line
+    assert sorted(p.name for p in run.iterdir()) == ["tracker.json"]  # nothing written, nothing replaced
