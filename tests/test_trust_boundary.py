@@ -459,3 +459,34 @@ def test_damaged_tracker_state_is_refused_in_one_line_before_any_work(tmp_path, 
     line = one_error_line(r.stderr)
     assert f"{state}: {want}" in line and "move it away" in line, line
     assert sorted(p.name for p in run.iterdir()) == ["tracker.json"]  # nothing written, nothing replaced
+
+
+# ------------------------------------------------------------------ row 11: load_pretrained bounds first
+
+
+@pytest.mark.parametrize("section, key, value, want", [
+    ("model", "ch", 8192, "declares a U-Net of"),
+    ("diffusion", "timesteps", 2_000_000_000, "diffusion.timesteps: must be in 1..100000"),
+    ("model", "num_res_blocks", 1_000_000, "model.num_res_blocks: must be in 1..64"),
+])
+def test_downloaded_config_is_bounded_before_the_model_is_built(tmp_path, section, key, value, want):
+    import resource
+    import time
+
+    import yaml
+
+    from pipeline.hub import load_pretrained
+    from pipeline.weights import LoadError
+    from support.model import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "repo")
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    cfg[section][key] = value
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    peak, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+    with pytest.raises(LoadError) as e:
+        load_pretrained(folder)
+    assert want in str(e.value) and "\n" not in str(e.value)
+    # Refused from the config and the file size: no gigabytes allocated, no minutes spent.
+    assert time.monotonic() - t0 < 30
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024  # KiB
