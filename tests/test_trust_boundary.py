@@ -13,7 +13,9 @@ import subprocess as sp
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep.hub import push_shards
 from data_prep.sources import PrepError
@@ -490,3 +492,129 @@ def test_downloaded_config_is_bounded_before_the_model_is_built(tmp_path, sectio
     # Refused from the config and the file size: no gigabytes allocated, no minutes spent.
     assert time.monotonic() - t0 < 30
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024  # KiB
+
+
+# ------------------------------------------------------------------ row 10: eval inputs, bounded first
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares width x height and holds no pixels: what decoding a bomb starts from."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def _npz_with_header(path: Path, shape: tuple, dtype=np.uint8, compressed: bool = True) -> Path:
+    """An .npz whose arr_0 declares `shape` (a bomb's header) followed by a few bytes only."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as zf:
+        zf.writestr("arr_0.npy", head.getvalue() + bytes(4096))
+    return path
+
+
+def _stats(path: Path, **arrays) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("case, want", [
+    ("sigma not positive semi-definite", "sigma has the eigenvalue -1: not positive semi-definite"),
+    ("sigma not symmetric", "sigma is not symmetric"),
+    ("truncated", "not a readable .npz"),
+    ("too many features", "statistics of 100000 features; at most 16384"),
+])
+def test_reference_statistics_are_validated(tmp_path, case, want):
+    from eval.common import EvalError
+    from eval.features import load_stats
+
+    p = tmp_path / "ref.npz"
+    if case == "sigma not positive semi-definite":
+        _stats(p, mu=np.zeros(4), sigma=-np.eye(4))
+    elif case == "sigma not symmetric":
+        _stats(p, mu=np.zeros(4), sigma=np.triu(np.ones((4, 4))))
+    elif case == "truncated":
+        _truncated(_stats(p, mu=np.zeros(64), sigma=np.eye(64)))
+    else:  # headers that declare 100000 features: refused before 80 GB are read
+        import io
+        import zipfile
+
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, shape in (("mu", (100000,)), ("sigma", (100000, 100000))):
+                head = io.BytesIO()
+                np.lib.format.write_array_header_1_0(head, {"descr": "<f8", "fortran_order": False, "shape": shape})
+                zf.writestr(f"{name}.npy", head.getvalue())
+    with pytest.raises(EvalError) as e:
+        load_stats(p)
+    assert str(e.value).startswith(f"{p}: ") and want in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_object_array_n_is_never_unpickled(tmp_path):
+    from eval.features import load_stats
+
+    marker = tmp_path / "PWNED"
+    p = _stats(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4),
+               n=np.array([_Call(os.system, f"touch {marker}")], dtype=object))
+    stats, _ = load_stats(p)
+    assert stats["n"] is None and not marker.exists()
+
+
+@pytest.mark.parametrize("case, want", [
+    ("compressed bomb", "arr_0 is compressed and 183.1 GiB inflated"),
+    ("bomb of a wrong shape", "need uint8 images [n, H, W, 3] (NHWC), got uint8 [100000, 256, 256, 4]"),
+    ("truncated", "not a readable .npz"),
+    ("20000x20000 PNG", "cannot decode"),
+    ("5000x5000 PNG", "5000x5000 pixels; a sample image is at most"),
+])
+def test_outside_samples_are_bounded_before_decoding(tmp_path, case, want):
+    import resource
+
+    from eval.common import EvalError
+    from eval.outside import load_outside
+
+    if case == "compressed bomb":
+        p = _npz_with_header(tmp_path / "s.npz", (1_000_000, 256, 256, 3))
+    elif case == "bomb of a wrong shape":
+        p = _npz_with_header(tmp_path / "s.npz", (100_000, 256, 256, 4))
+    elif case == "truncated":
+        p = tmp_path / "s.npz"
+        np.savez_compressed(p, arr_0=np.zeros((64, 8, 8, 3), np.uint8))
+        _truncated(p)
+    else:
+        p = tmp_path / "samples"
+        p.mkdir()
+        size = 20000 if case.startswith("20000") else 5000
+        Image.new("RGB", (8, 8)).save(p / "a.png")
+        _png_header(p / "b.png", size, size)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(EvalError) as e:
+        x = load_outside(p)
+        for i in range(len(x)):
+            x[i]
+    assert want in str(e.value) and "\n" not in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 * 1024  # KiB: nothing inflated
+
+
+def test_refused_reference_is_one_line_exit_2_from_the_cli(tmp_path, capsys):
+    from eval.__main__ import main as eval_main
+
+    samples = tmp_path / "s.npz"
+    np.savez(samples, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    ref = _stats(tmp_path / "ref.npz", mu=np.zeros(4), sigma=-np.eye(4))
+    code = eval_main(["fid", "--samples", str(samples), "--reference", str(ref), "--out", str(tmp_path / "o"),
+                      "--feature-extractor", "tiny-seeded=support.features:TinyFeatures"])
+    assert code == 2 and "not positive semi-definite" in one_error_line(capsys.readouterr().err)
