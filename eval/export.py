@@ -46,7 +46,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, format: str = "nat
         raise ExportError(f"format {format!r}: want 'native' or 'diffusers'")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of --out should be
+        raise ExportError(f"{out}: cannot make its folder {out.parent} ({e.strerror})") from None
     with tempfile.TemporaryDirectory(prefix=".export-stage-", dir=out.parent) as stage, \
             tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as build:
         # The card names the model by the folder's name, not a local path (eval/public.py).

@@ -618,3 +618,21 @@ def test_refused_reference_is_one_line_exit_2_from_the_cli(tmp_path, capsys):
     code = eval_main(["fid", "--samples", str(samples), "--reference", str(ref), "--out", str(tmp_path / "o"),
                       "--feature-extractor", "tiny-seeded=support.features:TinyFeatures"])
     assert code == 2 and "not positive semi-definite" in one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------ row 14: small ones
+
+
+@pytest.mark.parametrize("args, want", [
+    (["nll", "{ck}", "--limit", "-2"], "--limit must be at least 1, got -2"),
+    (["nll", "{ck}", "--also-train", "--train-limit", "0"], "--train-limit must be at least 1, got 0"),
+    (["export", "{ck}", "--out", "{file}/sub"], "cannot make its folder"),
+])
+def test_small_eval_refusals_are_one_line(tmp_path, capsys, args, want):
+    from eval.__main__ import main as eval_main
+    from support.model import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck")
+    (tmp_path / "file").write_text("a file, not a folder")
+    code = eval_main([a.format(ck=ck, file=tmp_path / "file") for a in args])
+    assert code == 2 and want in one_error_line(capsys.readouterr().err)
