@@ -277,6 +277,13 @@ def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
+def _list_outside(ckpt: Path, name: str) -> None:
+    """trainer_state.json lists `name` too (first): verifying it would read that file."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state["files"] = {name: {"bytes": 0, "sha256": "0" * 64}, **state["files"]}
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+
+
 def _drop_checksums(ckpt: Path) -> None:
     """As a checkpoint written before checksums were recorded."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
@@ -293,8 +300,7 @@ def _drop_checksums(ckpt: Path) -> None:
      "damaged checkpoint step-00000002: accelerate/optimizer.bin does not match its sha256"),
     ("missing model", lambda c: (c / "accelerate" / "model.safetensors").unlink(),
      "damaged checkpoint step-00000002: accelerate/model.safetensors is missing"),
-    ("listing names a file outside", lambda c: (c / "trainer_state.json").write_text(json.dumps(
-        {**json.loads((c / "trainer_state.json").read_text()), "files": {"../../../etc/passwd": {}}})),
+    ("listing names a file outside", lambda c: _list_outside(c, "../../../etc/passwd"),
      "lists a bad file entry: '../../../etc/passwd' has an empty, '.' or '..' part"),
     ("truncated, from before checksums", lambda c: (_drop_checksums(c), _truncate(c / "accelerate" / "model.safetensors")),
      "unreadable weights"),
