@@ -615,6 +615,19 @@ def test_outside_samples_are_bounded_before_decoding(tmp_path, case, want):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 256 * 1024  # KiB: nothing inflated
 
 
+def test_a_stray_chunk_outside_the_requested_range_is_never_used(tmp_path):
+    from eval.__main__ import main as eval_main
+    from support.model import make_checkpoint
+
+    ck, out = make_checkpoint(tmp_path / "ck"), tmp_path / "o"
+    args = ["sample", str(ck), "--out", str(out), "--num-samples", "4", "--chunk-size", "2", "--npz", str(tmp_path / "x.npz")]
+    assert eval_main(args) == 0
+    shutil.copy(out / "chunks" / "chunk-000000.npz", out / "chunks" / "chunk-000002.npz")  # a stray one
+    assert eval_main(args) == 0  # the same request again: its 4 samples, not 6
+    with np.load(tmp_path / "x.npz") as z:
+        assert z["arr_0"].shape[0] == 4
+
+
 def test_refused_reference_is_one_line_exit_2_from_the_cli(tmp_path, capsys):
     from eval.__main__ import main as eval_main
 
