@@ -655,3 +655,23 @@ def test_small_eval_refusals_are_one_line(tmp_path, capsys, args, want):
     (tmp_path / "file").write_text("a file, not a folder")
     code = eval_main([a.format(ck=ck, file=tmp_path / "file") for a in args])
     assert code == 2 and want in one_error_line(capsys.readouterr().err)
+
+
+def test_export_removes_what_a_killed_export_left_and_nothing_else(tmp_path):
+    import socket
+
+    from eval.__main__ import main as eval_main
+    from support.model import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck")
+    dead = sp.Popen(["sleep", "60"])
+    dead.kill()
+    dead.wait()
+    host = socket.gethostname()
+    left = {name: tmp_path / name for name in (
+        f".export-stage-{host}-{dead.pid}-abc123", f".export-build-{host}-{dead.pid}-x_y",  # a killed export's
+        f".export-stage-{host}-{os.getpid()}-live", f".export-stage-otherhost-{dead.pid}-abc")}  # not stale
+    for p in left.values():
+        (p / "sub").mkdir(parents=True)
+    assert eval_main(["export", str(ck), "--out", str(tmp_path / "exported")]) == 0
+    assert sorted(p.name for p in tmp_path.glob(".export-*")) == sorted(list(left)[2:])
