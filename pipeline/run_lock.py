@@ -28,7 +28,7 @@ _held: dict[str, tuple[int, int]] = {}
 
 
 class RunLockedError(UserError):
-    """run.output_dir is in use by another trainer (exit 2)."""
+    """run.output_dir cannot be held: in use by another trainer, or not a folder (exit 2)."""
 
 
 def _holder(fd: int) -> str:
@@ -49,7 +49,10 @@ def acquire(run_dir: str | os.PathLike, notice=print) -> None:
     key = str(run_dir.resolve())
     if key in _held:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file under that name, a read-only parent
+        raise RunLockedError(f"run.output_dir={run_dir}: cannot make the run folder ({e.strerror})") from None
     path = run_dir / LOCK_NAME
     while True:
         try:
