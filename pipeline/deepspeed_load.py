@@ -6,7 +6,7 @@ match) would run their code. While the trainer restores a checkpoint, the engine
 engine reads with torch's weights-only unpickler instead, which builds only tensors, containers,
 numbers, strings and the few DeepSpeed types that its ZeRO-1/2 files hold (`TYPES`: plain data
 classes, no code runs when they are built). Anything else is refused in one line naming the
-file and the type: the checkpoint was not written by this trainer.
+file and the global (a function or type): the checkpoint was not written by this trainer.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def load(path, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f"the type {found.group(1)[:100]}" if found else "an object of a type"
+        what = f"the global {found.group(1).rstrip('.')[:100]}" if found else "a global"
         raise ForeignCheckpointError(f"{path}: not read: it holds {what}, which DeepSpeed checkpoints of this trainer "
-                                     "never do (weights-only loading; nothing in it was run)") from None
+                                     "never hold (weights-only loading; nothing in it was run)") from None
     except (RuntimeError, EOFError) as e:  # truncated, or not a torch file
         raise ForeignCheckpointError(f"{path}: unreadable DeepSpeed checkpoint file "
                                      f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None

@@ -357,8 +357,8 @@ def _zero_state(extra=None) -> dict:
 
 @pytest.mark.parametrize("payload, type_name", [
     ("os.system", "posix.system"),
-    ("exec", "builtins.exec"),
-    ("subprocess", "subprocess.Popen"),
+    ("exec", "exec"),
+    ("subprocess", "commands.Popen"),  # pickled under its Python 2 name
     ("in a loss scaler", "posix.system"),
 ])
 def test_deepspeed_file_that_runs_code_is_refused_and_nothing_runs(tmp_path, payload, type_name):
@@ -381,7 +381,7 @@ def test_deepspeed_file_that_runs_code_is_refused_and_nothing_runs(tmp_path, pay
     with weights_only([type("Engine", (), {"checkpoint_engine": engine})()]):
         with pytest.raises(ForeignCheckpointError) as e:
             engine.load(str(path), map_location="cpu")
-    assert f"{path}: not read: it holds the type {type_name}" in str(e.value) and "\n" not in str(e.value)
+    assert f"{path}: not read: it holds the global {type_name}" in str(e.value) and "\n" not in str(e.value)
     assert not marker.exists()
     assert "load" not in vars(engine)  # DeepSpeed's engine is as it was outside a restore
 
@@ -431,7 +431,7 @@ def test_deepspeed_resume_of_a_file_with_code_is_refused_and_a_genuine_one_resum
     r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and not marker.exists(), r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
-    assert errors and f"{f.name}: not read: it holds the type posix.system" in errors[0], r.stderr[-3000:]
+    assert errors and f"{f.name}: not read: it holds the global posix.system" in errors[0], r.stderr[-3000:]
     f.write_bytes(genuine)
     (ckpt / "trainer_state.json").write_text(state_file)
     r = sp.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -643,8 +643,8 @@ def test_refused_reference_is_one_line_exit_2_from_the_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, want", [
-    (["nll", "{ck}", "--limit", "-2"], "--limit must be at least 1, got -2"),
-    (["nll", "{ck}", "--also-train", "--train-limit", "0"], "--train-limit must be at least 1, got 0"),
+    (["nll", "{ck}", "--out", "{o}", "--limit", "-2"], "--limit must be at least 1, got -2"),
+    (["nll", "{ck}", "--out", "{o}", "--also-train", "--train-limit", "0"], "--train-limit must be at least 1, got 0"),
     (["export", "{ck}", "--out", "{file}/sub"], "cannot make its folder"),
 ])
 def test_small_eval_refusals_are_one_line(tmp_path, capsys, args, want):
@@ -653,7 +653,7 @@ def test_small_eval_refusals_are_one_line(tmp_path, capsys, args, want):
 
     ck = make_checkpoint(tmp_path / "ck")
     (tmp_path / "file").write_text("a file, not a folder")
-    code = eval_main([a.format(ck=ck, file=tmp_path / "file") for a in args])
+    code = eval_main([a.format(ck=ck, file=tmp_path / "file", o=tmp_path / "o") for a in args])
     assert code == 2 and want in one_error_line(capsys.readouterr().err)
 
 
