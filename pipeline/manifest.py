@@ -52,10 +52,10 @@ def read_manifest(path: str | os.PathLike, label: str | None = None) -> dict:
             if not isinstance(sh, dict) or not _count(sh.get("count")):
                 raise ManifestError(f"{where}.shards[{i}]: expected {{name, count: int >= 0}}")
             name = sh.get("name")
-            why = name_problem(name) or (None if SHARD_NAME.fullmatch(name) else "is not a plain .tar file name")
+            why = name_problem(name) or (None if SHARD_NAME.fullmatch(name) else "other characters")
             if why:
-                raise ManifestError(f"{where}.shards[{i}].name: {shown(name)} {why}: a shard must be a file "
-                                    "in the manifest's folder")
+                raise ManifestError(f"{where}.shards[{i}].name: {shown(name)} is not a plain .tar file name in "
+                                    f"the manifest's folder ({why})")
         total = sum(sh["count"] for sh in sp["shards"])
         if total != sp["count"]:
             raise ManifestError(f"{where}.count: {sp['count']}, but its shards hold {total}")

@@ -148,8 +148,8 @@ def _push_source(tmp_path: Path, kind: str) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("kind, want", [
-    ("absolute", r"manifest.json: splits.train.shards\[0\].name: '/.*id_rsa.tar' is an absolute path"),
-    ("dotdot", r"manifest.json: splits.train.shards\[0\].name: '../home/id_rsa.tar' has an empty, '.' or '..' part"),
+    ("absolute", r"manifest.json: splits.train.shards\[0\].name: '/.*id_rsa.tar' is not a plain .* \(is an absolute path\)"),
+    ("dotdot", r"manifest.json: splits.train.shards\[0\].name: '../home/id_rsa.tar' is not a plain .* \(has an empty"),
     ("symlink", r"train-000000.tar: listed in manifest.json but a symbolic link"),
 ])
 def test_push_of_a_manifest_naming_a_file_outside_uploads_nothing(hub, tmp_path, kind, want):
