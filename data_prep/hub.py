@@ -16,23 +16,30 @@ from pathlib import Path
 from data_prep.sources import PrepError
 from pipeline import atomic
 from pipeline.integrity import file_sha256
+from pipeline.manifest import ManifestError, read_manifest
 
 CHECKSUMS = "checksums.json"
 
 
 def shard_files(out: Path) -> tuple[dict, list[str]]:
-    """(manifest, names of the shards it lists); PrepError when the output is not finished."""
+    """(manifest, names of the shards it lists); PrepError when the output is not finished, or
+    when the manifest names anything but plain files of its folder (an absolute path or `../`
+    would upload that file, a secret say): checked whole before the Hub is contacted."""
     mpath = out / "manifest.json"
     if not mpath.is_file():
         raise PrepError(f"{out}: no manifest.json: not a finished data_prep output (run data_prep first)")
     try:
-        manifest = json.loads(mpath.read_text())
-        names = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise PrepError(f"{mpath}: not a data_prep manifest ({type(e).__name__}: {e})") from None
+        manifest = read_manifest(mpath)  # the reader's own checks: plain .tar names, counts, types
+    except ManifestError as e:
+        raise PrepError(str(e)) from None
+    names = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
     missing = [n for n in names if not (out / n).is_file()]
     if missing:
         raise PrepError(f"{out / missing[0]}: listed in manifest.json but missing ({len(missing)} missing)")
+    linked = [n for n in names if (out / n).is_symlink()]
+    if linked:  # a link leads anywhere: only the folder's own files are uploaded
+        raise PrepError(f"{out / linked[0]}: listed in manifest.json but a symbolic link; push uploads only "
+                        "the folder's own files")
     return manifest, names
 
 

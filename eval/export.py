@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -46,9 +48,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, format: str = "nat
         raise ExportError(f"format {format!r}: want 'native' or 'diffusers'")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise ExportError(f"{out}: exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".export-stage-", dir=out.parent) as stage, \
-            tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as build:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file where a folder of --out should be
+        raise ExportError(f"{out}: cannot make its folder {out.parent} ({e.strerror})") from None
+    _remove_stale(out.parent)
+    with tempfile.TemporaryDirectory(prefix=_prefix("stage"), dir=out.parent) as stage, \
+            tempfile.TemporaryDirectory(prefix=_prefix("build"), dir=out.parent) as build:
         # The card names the model by the folder's name, not a local path (eval/public.py).
         files = stage_push(src, Path(stage), repo_id=repo_id or out.name, format=format, results=results,
                            samples=list(samples), command=command)
@@ -62,6 +68,31 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, format: str = "nat
         os.replace(build, out)  # whole or not at all; the emptied temporary name is recreated for cleanup
         Path(build).mkdir()
     return sorted(files)
+
+
+def _prefix(kind: str) -> str:
+    """Temporary folders name their maker (host, pid), so a later export can tell a killed one's."""
+    return f".export-{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _remove_stale(parent: Path) -> None:
+    """The temporary folders of exports killed (SIGKILL, OOM) before they cleaned up: made on this
+    host by a process that is gone. Another host's, or a running export's, are left alone."""
+    pattern = re.compile(rf"\.export-(stage|build)-{re.escape(socket.gethostname())}-(\d+)-[\w-]+")
+    for p in parent.glob(".export-*"):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def register(subparsers) -> None:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from eval.common import EvalError
 from eval.inception import InceptionWeightsError, inception
+from eval.npz_bounds import READ_ERRORS, headers, nbytes
 from pipeline import fast_path
 from pipeline.atomic import atomic_path
 from pipeline.data import iter_split, split_share
@@ -263,32 +264,45 @@ def save_stats(path: str | os.PathLike, stats: dict, protocol: dict) -> Path:
     return path
 
 
+MAX_FEATURES = 16384  # features of a statistics file: sigma [d, d] float64 is 2 GiB at most
+
+
 def load_stats(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(stats, protocol) of a statistics `.npz`; anything but finite float mu [d] and sigma [d, d]
-    is refused with one line naming the file."""
+    """(stats, protocol) of a statistics `.npz`; anything but finite float mu [d] and a symmetric
+    positive semi-definite sigma [d, d] is refused with one line naming the file, sizes first
+    (from the headers: nothing is inflated before its shape is accepted)."""
+    h = headers(path)
+    missing = [k for k in ("mu", "sigma") if k not in h]
+    if missing:
+        raise EvalError(f"{path}: no '{missing[0]}' array (a statistics file holds mu and sigma; has "
+                        f"{', '.join(h) or 'nothing'})")
+    (mu_shape, mu_type, _), (sigma_shape, sigma_type, _) = h["mu"], h["sigma"]
+    if mu_type.kind != "f" or sigma_type.kind != "f":
+        raise EvalError(f"{path}: mu and sigma must be floating point, got {mu_type} and {sigma_type}")
+    if len(mu_shape) != 1 or sigma_shape != (mu_shape[0], mu_shape[0]):
+        raise EvalError(f"{path}: mu {mu_shape} and sigma {sigma_shape} do not fit (need mu [d] and sigma [d, d])")
+    if not 1 <= mu_shape[0] <= MAX_FEATURES:
+        raise EvalError(f"{path}: statistics of {mu_shape[0]} features; at most {MAX_FEATURES}")
+    small = {k for k, (shape, dtype, _) in h.items()  # n and the protocol: scalars and short strings
+             if (k == "n" or k.startswith("protocol_")) and dtype.kind in "iufU" and nbytes(shape, dtype) <= 4096}
     try:
-        z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise EvalError(f"{path}: not a readable .npz of FID statistics ({e})") from None
-    with z:
-        missing = [k for k in ("mu", "sigma") if k not in z.files]
-        if missing:
-            raise EvalError(f"{path}: no '{missing[0]}' array (a statistics file holds mu and sigma; has "
-                            f"{', '.join(z.files) or 'nothing'})")
-        try:
+        with np.load(path, allow_pickle=False) as z:
             mu, sigma = z["mu"], z["sigma"]
-        except ValueError as e:  # an object array would need unpickling
-            raise EvalError(f"{path}: mu/sigma are not plain arrays ({e})") from None
-        proto = {k[len("protocol_"):]: z[k].item() for k in z.files if k.startswith("protocol_") and z[k].dtype.kind in "iufU"}
-        n = int(z["n"]) if "n" in z.files and z["n"].shape == () else None
-    if mu.dtype.kind != "f" or sigma.dtype.kind != "f":
-        raise EvalError(f"{path}: mu and sigma must be floating point, got {mu.dtype} and {sigma.dtype}")
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise EvalError(f"{path}: mu {tuple(mu.shape)} and sigma {tuple(sigma.shape)} do not fit "
-                        "(need mu [d] and sigma [d, d])")
+            proto = {k[len("protocol_"):]: z[k].item() for k in small if k.startswith("protocol_") and z[k].shape == ()}
+            n = int(z["n"]) if "n" in small and z["n"].shape == () and h["n"][1].kind in "iu" else None
+    except READ_ERRORS as e:  # truncated, or altered after its header
+        raise EvalError(f"{path}: not a readable .npz of FID statistics ({type(e).__name__}: {str(e)[:100]})") from None
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise EvalError(f"{path}: mu or sigma holds NaN or infinite values")
-    return {"mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64), "n": n}, proto
+    sigma = sigma.astype(np.float64)
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if not np.allclose(sigma, sigma.T, rtol=0, atol=1e-6 * scale):
+        raise EvalError(f"{path}: sigma is not symmetric: not a covariance matrix")
+    lowest = float(np.linalg.eigvalsh(sigma)[0])
+    if lowest < -1e-6 * scale * len(mu):  # rounding leaves tiny negative eigenvalues; more is not a covariance
+        raise EvalError(f"{path}: sigma has the eigenvalue {lowest:.3g}: not positive semi-definite, not a "
+                        "covariance matrix (its FID would be meaningless, even negative)")
+    return {"mu": mu.astype(np.float64), "sigma": sigma, "n": n}, proto
 
 
 def check_dim(stats: dict, extractor_dim: int, path) -> None:

@@ -268,7 +268,7 @@ def _images_and_protocol(args):
         raise EvalError("nothing to score: name a model (SRC) or outside samples (--samples PATH)")
     loaded, proto, acc = sample_from_args(args, check=lambda m: _reference_for(args, m.recipe))
     ckpt = {"source": loaded.source, "weights_sha256": proto["weights_sha256"]}
-    return SampleChunks(args.out), dict(proto), ckpt, loaded.recipe, acc
+    return SampleChunks(args.out, proto["num_samples"], proto["chunk_size"]), dict(proto), ckpt, loaded.recipe, acc
 
 
 def _reference_for(args, recipe) -> tuple[str, int | None]:

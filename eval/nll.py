@@ -125,6 +125,9 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
+    for name, v in (("--limit", args.limit), ("--train-limit", args.train_limit)):
+        if v is not None and v < 1:  # before the model loads: -2 would silently bound no image at all
+            raise EvalError(f"{name} must be at least 1, got {v}")
     loaded = load_model(args.src, args.revision, args.model_factory)
     r = loaded.recipe
     shards = resolve(args.shards, r, "data.shards")

@@ -12,9 +12,12 @@ import numpy as np
 from PIL import Image
 
 from eval.common import EvalError
+from eval.npz_bounds import READ_ERRORS, headers, nbytes
 from pipeline.atomic import atomic_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_PIXELS = 4096 * 4096  # a sample image; data_prep's bound on inputs at 256x256
+MAX_INFLATED = 16 << 30  # bytes: a compressed arr_0 is inflated whole (50k at 256x256 is 9.8 GB)
 
 
 class ImageFolder:
@@ -31,9 +34,12 @@ class ImageFolder:
         f = self.files[i]
         try:
             with Image.open(f) as im:
+                if im.width * im.height > MAX_PIXELS:  # from the header, before decoding
+                    raise EvalError(f"{f}: {im.width}x{im.height} pixels; a sample image is at most {MAX_PIXELS:,} "
+                                    "pixels (4096x4096)")
                 x = np.array(im.convert("RGB") if im.mode in ("L", "RGB", "P", "RGBA") else im)
-        except OSError as e:
-            raise EvalError(f"{f}: cannot decode ({e})") from None
+        except (OSError, Image.DecompressionBombError) as e:
+            raise EvalError(f"{f}: cannot decode ({str(e)[:200]})") from None
         if x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
             raise EvalError(f"{f}: need 8-bit RGB, got mode {x.dtype} {x.shape}")
         return x
@@ -64,15 +70,22 @@ def load_outside(path: str | os.PathLike):
         return ImageFolder(p)
     if not p.is_file():
         raise EvalError(f"--samples {path}: no such folder or .npz file")
+    h = headers(p)  # shapes and dtypes first: a compressed member is inflated only once accepted
+    if "arr_0" not in h:
+        raise EvalError(f"{p}: no 'arr_0' array (the ADM sample format; has {', '.join(h) or 'nothing'})")
+    shape, dtype, compressed = h["arr_0"]
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or min(shape) == 0:
+        raise EvalError(f"{p}: need uint8 images [n, H, W, 3] (NHWC), got {dtype} {list(shape)}")
+    if compressed and nbytes(shape, dtype) > MAX_INFLATED:
+        raise EvalError(f"{p}: arr_0 is compressed and {nbytes(shape, dtype) / 2**30:.1f} GiB inflated; a compressed "
+                        f"one is read whole, at most {MAX_INFLATED >> 30} GiB: save it with np.savez (read lazily)")
     try:
         x = _stored_member(p, "arr_0.npy")  # 50k at 256x256 is 9.8 GB: map it, never copy it per process
         if x is None:
             with np.load(p, allow_pickle=False) as z:
-                if "arr_0" not in z.files:
-                    raise EvalError(f"{p}: no 'arr_0' array (the ADM sample format; has {', '.join(z.files)})")
                 x = z["arr_0"]
-    except (OSError, ValueError, zipfile.BadZipFile) as e:  # not a zip, or an object array (needs unpickling)
-        raise EvalError(f"{p}: not a readable .npz of images ({e})") from None
+    except READ_ERRORS as e:  # truncated, or altered after its header
+        raise EvalError(f"{p}: not a readable .npz of images ({type(e).__name__}: {str(e)[:100]})") from None
     return check_images(x, p)
 
 

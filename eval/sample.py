@@ -265,8 +265,14 @@ class SampleChunks:
     """All finished samples of OUT as one indexable uint8 [n, H, W, 3] sequence, reading one
     chunk at a time (50,000 samples at 256x256 are 9.8 GB: never all in memory)."""
 
-    def __init__(self, out: str | os.PathLike):
-        self.files = sorted((Path(out) / "chunks").glob("chunk-*.npz"))
+    def __init__(self, out: str | os.PathLike, num_samples: int | None = None, chunk_size: int | None = None):
+        if num_samples is not None:  # the requested range only: a stray chunk (a copy, another run's) is never scored
+            self.files = [chunk_path(Path(out), c) for c in range(math.ceil(num_samples / chunk_size))]
+            missing = [f for f in self.files if not f.is_file()]
+            if missing:
+                raise EvalError(f"{missing[0]}: missing ({len(missing)} chunks); run the same command again to draw it")
+        else:
+            self.files = sorted((Path(out) / "chunks").glob("chunk-*.npz"))
         if not self.files:
             raise EvalError(f"{out}: no sample chunks (run `python -m eval sample` first)")
         self.starts = [0]
@@ -381,7 +387,7 @@ def main(args) -> int:
         if args.npz:
             from eval.outside import write_adm_npz
 
-            chunks = SampleChunks(args.out)
+            chunks = SampleChunks(args.out, proto["num_samples"], proto["chunk_size"])
             first = chunks[0]
             write_adm_npz(args.npz, chunks.parts(), (len(chunks), *first.shape))
         if args.png:

@@ -35,7 +35,11 @@ def run_folder(src: str) -> tuple[Path, int | None] | None:
 
 def log_figures_to_run(src: str, out) -> bool:
     found = run_folder(src)
-    if found is None or not read_state(found[0]):
+    try:
+        if found is None or not read_state(found[0]):
+            return False
+    except UserError as e:  # a damaged RUN/tracker.json: the figures are written, not logged
+        log.warning("not logging the figures to the run's tracker: %s", e)
         return False
     figures = {f"eval/{p.stem}": p for p in sorted(Path(out).glob("fig*.png"))}
     try:

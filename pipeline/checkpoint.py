@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
-from pipeline import atomic, integrity
+from pipeline import atomic, deepspeed_load, integrity
 from pipeline.config import Recipe, RecipeError, load_recipe, save_recipe
 from pipeline.errors import UserError
 
@@ -214,6 +214,7 @@ def restore(ckpt: Path, *, acc, ema, loader, global_batch: int, deepspeed: bool)
     """Load a checkpoint of `write_checkpoint` into the live Accelerate state, EMA and loader;
     returns its trainer state. A DeepSpeed checkpoint needs the world size it was written with
     (its optimizer state is sharded per rank); DDP state resumes on any world size."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     saved = read_trainer_state(ckpt)
@@ -223,8 +224,12 @@ def restore(ckpt: Path, *, acc, ema, loader, global_batch: int, deepspeed: bool)
                           f"resume it with the same number (now {world})")
     if saved.get("global_batch_size", global_batch) != global_batch:
         log.warning("global batch size changed from %s to %s on resume", saved["global_batch_size"], global_batch)
-    acc.load_state(str(Path(ckpt) / "accelerate"))
-    ema.load_state_dict(load_file(str(Path(ckpt) / "ema.safetensors")))
+    try:
+        with deepspeed_load.weights_only(getattr(acc, "_models", []) if deepspeed else []):
+            acc.load_state(str(Path(ckpt) / "accelerate"))  # DeepSpeed's files: nothing in them runs
+        ema.load_state_dict(load_file(str(Path(ckpt) / "ema.safetensors")))
+    except SafetensorError as e:  # a checkpoint from before checksums were recorded, truncated since
+        raise CheckpointError(f"{ckpt}: unreadable weights ({one_line_reason(e)})") from None
     loader.load_state_dict(saved["data"])
     return saved
 

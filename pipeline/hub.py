@@ -134,9 +134,24 @@ def _build_ours(config: Path, weights: Path, source: str | None) -> Pretrained:
         recipe = load_recipe(config)
     except RecipeError as e:
         raise LoadError(str(e)) from None
+    _check_size(recipe.model, weights, config)
     model = build.unet(recipe.model)
     _load_into(model, load_state_dict(weights), weights)
     return Pretrained(model.eval(), build.diffusion(recipe.diffusion), recipe, source or str(weights))
+
+
+def _check_size(cfg: ModelConfig, weights: Path, config: Path) -> None:
+    """Refuse, before anything is allocated, a config that declares a larger U-Net than its weights
+    file can hold even at 16 bits (`ch: 8192` beside a 1 MB file would build gigabytes first).
+    The declared U-Net is built on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in build.unet(cfg).parameters())
+    size = weights.stat().st_size
+    # 2 bytes a weight at the least. Below 64 MiB the weights' own reader reports the mismatch
+    # (building that much costs nothing): this only stops what would cost gigabytes.
+    if numel * 2 > size + (64 << 20):
+        raise LoadError(f"{config}: declares a U-Net of {numel:,} parameters, but {weights.name} holds "
+                        f"{size:,} bytes (at most {size // 2:,} 16-bit weights): not the model of these weights")
 
 
 def _scheduler_config(folder: Path) -> Path | None:
@@ -179,6 +194,7 @@ def _build_diffusers(config: Path, weights: Path, scheduler: Path | None, source
         raise LoadError(str(e)) from None
     if recipe_file is not None:  # our export of a pipeline keeps the training recipe beside it
         recipe = _matching_recipe(recipe_file, recipe)
+    _check_size(recipe.model, weights, config)
     model = build.unet(recipe.model)
     state = _rename_deprecated_attention(load_state_dict(weights))
     try:

@@ -17,6 +17,8 @@ import os
 import re
 from pathlib import Path
 
+from pipeline.safe_names import name_problem, shown
+
 STATE_FILE = "trainer_state.json"
 REQUIRED = ("model.safetensors", "ema.safetensors", "config.yaml")
 
@@ -66,8 +68,9 @@ def damage(ckpt: str | os.PathLike, missing_ok: bool = False) -> str | None:
         if name not in files:
             return f"{name} is not listed in {STATE_FILE}"
     for rel, rec in files.items():
-        if not isinstance(rel, str) or rel.startswith("/") or ".." in Path(rel).parts or not isinstance(rec, dict):
-            return f"{STATE_FILE} lists a bad file entry"
+        why = name_problem(rel, subfolders=True) or (None if isinstance(rec, dict) else "has no record")
+        if why:  # a name out of the checkpoint would be hashed (read) wherever it points
+            return f"{STATE_FILE} lists a bad file entry: {shown(rel)} {why}"
         p = ckpt / rel
         if not p.is_file():
             if missing_ok:

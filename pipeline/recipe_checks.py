@@ -14,6 +14,10 @@ from typing import Callable
 
 from pipeline.presets import PRESETS
 
+MAX_TIMESTEPS = 100_000
+# Counts of modules a config (also a downloaded one) makes the U-Net build, one Python object each:
+# the paper's largest model has 4 levels of 2 blocks.
+MAX_COUNT = 64
 GN_GROUPS = 32  # pipeline.unet.GN_GROUPS (the paper's GroupNorm(32)); unet.py imports torch
 
 
@@ -21,7 +25,8 @@ def check(r, need: Callable[[bool, str, str], None]) -> None:
     """`r` is a pipeline.config.Recipe; `need(ok, key, what)` raises the RecipeError."""
     _floats_finite(r, need)
     _model(r.model, need)
-    need(r.diffusion.timesteps > 0, "diffusion.timesteps", "must be positive")
+    # Bounded: the schedule's tables are built before anything else is checked (the paper's T is 1000).
+    need(0 < r.diffusion.timesteps <= MAX_TIMESTEPS, "diffusion.timesteps", f"must be in 1..{MAX_TIMESTEPS}")
     need(0 < r.diffusion.beta_start < r.diffusion.beta_end < 1, "diffusion.beta_end",
          "need 0 < beta_start < beta_end < 1")
     _learned_variance(r, need)
@@ -81,13 +86,14 @@ def _model(m, need) -> None:
     need(k["resolution"] >= 1, "model.resolution", "must be positive")
     for key in ("in_channels", "out_channels", "num_res_blocks"):
         if key in k:
-            need(k[key] >= 1, f"model.{key}", "must be at least 1")
+            need(1 <= k[key] <= MAX_COUNT, f"model.{key}", f"must be in 1..{MAX_COUNT}")
     if "ch" in k:
         need(k["ch"] >= 1 and k["ch"] % GN_GROUPS == 0, "model.ch",
              f"must be a positive multiple of {GN_GROUPS} (GroupNorm groups), got {k['ch']}")
     if "ch_mult" in k:
         mult = k["ch_mult"]
         need(len(mult) >= 1, "model.ch_mult", "must not be empty")
+        need(len(mult) <= MAX_COUNT, "model.ch_mult", f"must hold at most {MAX_COUNT} levels")
         need(all(x >= 1 for x in mult), "model.ch_mult", "every multiplier must be at least 1")
         need(k["resolution"] % 2 ** (len(mult) - 1) == 0, "model.resolution",
              f"{k['resolution']} is not divisible by 2**{len(mult) - 1} (one halving per ch_mult level after the first)")

@@ -26,8 +26,10 @@ import tarfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline import atomic
+from pipeline import atomic, safe_names
 from pipeline.errors import UserError
+from pipeline.integrity import file_sha256
+from pipeline.manifest import MAX_BYTES, ManifestError, read_manifest
 
 CHECKSUMS = "checksums.json"
 COMPLETE = ".complete"  # written last: the folder holds a verified copy
@@ -150,25 +152,28 @@ def _fetch_fsspec(url: str, count_samples) -> Path:
 
 def _fill(folder: Path, get, what: str, count_samples) -> None:
     """Fetch manifest.json (+ checksums.json) and every listed shard into `folder` unless a verified
-    copy is there; verify each shard; mark the folder complete."""
+    copy is there; verify each shard; mark the folder complete. Both listings are checked whole
+    (pipeline/manifest.py, safe_names.py) before the first shard is fetched: a name that leads
+    out of the folder never reaches a download or a write."""
     with _locked(folder):
         if (folder / COMPLETE).is_file():
             return
         folder.mkdir(parents=True, exist_ok=True)
         get("manifest.json", folder / "manifest.json")
         try:
-            manifest = json.loads((folder / "manifest.json").read_text())
-            shards = [(s["name"], int(s["count"])) for split in manifest["splits"].values() for s in split["shards"]]
-        except (ValueError, KeyError, TypeError) as e:
-            raise RemoteShardsError(f"data.shards={what}: manifest.json is not a data_prep manifest ({e})") from None
-        sums = None
+            manifest = read_manifest(folder / "manifest.json", label=f"data.shards={what}: manifest.json")
+        except ManifestError as e:
+            (folder / "manifest.json").unlink()  # refused: a relaunch fetches it again
+            raise RemoteShardsError(str(e)) from None
+        shards = [(s["name"], s["count"]) for split in manifest["splits"].values() for s in split["shards"]]
         try:
             get(CHECKSUMS, folder / CHECKSUMS)
-            sums = json.loads((folder / CHECKSUMS).read_text())
         except RemoteShardsError:
-            pass  # shards made without `data_prep push`: their counts are checked instead
+            sums = None  # shards made without `data_prep push`: their counts are checked instead
+        else:
+            sums = _read_checksums(folder / CHECKSUMS, what)
         for name, count in shards:
-            dest = folder / name
+            dest = safe_names.inside(folder, name)  # checked above; kept next to the write it guards
             if not (dest.is_file() and _verified(dest, count, sums, count_samples)):
                 get(name, dest)
                 if not _verified(dest, count, sums, count_samples):
@@ -178,16 +183,33 @@ def _fill(folder: Path, get, what: str, count_samples) -> None:
         atomic.write_text(folder / COMPLETE, what + "\n", fsync=True)
 
 
+def _read_checksums(path: Path, what: str) -> dict:
+    """checksums.json as {plain file name: {"sha256": str, "bytes": int}}; RemoteShardsError else."""
+    where = f"data.shards={what}: {CHECKSUMS}"
+    if path.stat().st_size > MAX_BYTES:
+        raise RemoteShardsError(f"{where}: more than {MAX_BYTES} bytes")
+    try:
+        sums = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise RemoteShardsError(f"{where}: unreadable ({type(e).__name__})") from None
+    if not isinstance(sums, dict):
+        raise RemoteShardsError(f"{where}: expected an object of file names")
+    for name, rec in sums.items():
+        why = safe_names.name_problem(name)
+        if why is None and not (isinstance(rec, dict) and isinstance(rec.get("sha256"), str)
+                                and isinstance(rec.get("bytes"), int)):
+            why = "has no {sha256, bytes} record"
+        if why:
+            raise RemoteShardsError(f"{where}: entry {safe_names.shown(name)} {why}")
+    return sums
+
+
 def _verified(path: Path, count: int, sums: dict | None, count_samples) -> bool:
     if sums is not None:
         want = sums.get(path.name) or {}
         if path.stat().st_size != want.get("bytes"):
             return False
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest() == want.get("sha256")
+        return file_sha256(path) == want.get("sha256")
     if count_samples is None:
         return True
     try:

@@ -16,6 +16,8 @@ from pathlib import Path
 from pipeline import atomic
 from pipeline.checkpoint import is_complete, latest_checkpoint
 from pipeline.config import RecipeError
+from pipeline.integrity import damage
+from pipeline.run_lock import LOCK_NAME
 
 MARKER = "resumed_from"  # RUN/resumed_from: the checkpoint a --resume-from launch started from
 
@@ -28,7 +30,8 @@ def choose_checkpoint(run_dir: str | os.PathLike, resume_from: str | None = None
     if no_resume and resume_from:
         raise RecipeError("--no-resume and --resume-from exclude each other")
     if no_resume:
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        # A lock file alone is what a trainer killed before its first write leaves: nothing to lose.
+        if run_dir.exists() and (not run_dir.is_dir() or any(p.name != LOCK_NAME for p in run_dir.iterdir())):
             raise RecipeError(f"run.output_dir={run_dir} is not empty and --no-resume starts fresh: "
                               "choose an empty folder (e.g. run.output_dir=runs/new), or drop --no-resume to resume")
         return None
@@ -37,6 +40,7 @@ def choose_checkpoint(run_dir: str | os.PathLike, resume_from: str | None = None
         return own
     src = _checkpoint_of(Path(resume_from))
     if own is None or own.resolve() == src.resolve():
+        _verify(src, resume_from)
         return src
     marker = run_dir / MARKER
     if marker.is_file() and marker.read_text().strip() == str(src.resolve()):
@@ -58,6 +62,15 @@ def _checkpoint_of(path: Path) -> Path:
         raise RecipeError(f"--resume-from {path}: not a complete checkpoint (want a step-XXXXXXXX directory "
                           "with trainer_state.json, or a run directory)")
     return path
+
+
+def _verify(ckpt: Path, resume_from: str) -> None:
+    """The checksums recorded when `ckpt` was written, checked as an automatic resume checks them:
+    an explicitly chosen checkpoint that is damaged is refused (not replaced by another one)."""
+    why = damage(ckpt)
+    if why is not None:
+        raise RecipeError(f"--resume-from {resume_from}: damaged checkpoint {ckpt.name}: {why}; "
+                          "name an intact checkpoint (or restore this one)")
 
 
 def record_origin(run_dir: str | os.PathLike, ckpt: Path | None) -> None:

@@ -16,23 +16,61 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import atomic
+from pipeline.errors import UserError
+from pipeline.safe_names import name_problem, shown
 
 STATE_FILE = "tracker.json"  # RUN/tracker.json: {"tracker": ..., "run_id": ..., "project": ..., "entity": ...}
 
 
+class TrackerStateError(UserError):
+    """RUN/tracker.json is not what the trainer writes (exit 2, naming the file and key)."""
+
+
+_WANDB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # W&B ids, projects, entities: no '/', '#', '?', ':'
+MAX_STATE = 64 << 10  # bytes: a handful of names
+
+
 def read_state(run_dir: str | os.PathLike) -> dict:
+    """RUN/tracker.json, checked ({} when there is none): a file that is not what the trainer
+    writes is refused in one line, not a traceback on every relaunch, and not silently replaced
+    (that would start another W&B run and lose the link to this one)."""
     p = Path(run_dir) / STATE_FILE
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
+    if not os.path.lexists(p):
         return {}
-    return d if isinstance(d, dict) else {}
+
+    def bad(why: str):
+        return TrackerStateError(f"{p}: {why}; fix it, or move it away to start a new tracker run")
+
+    if p.is_symlink() or not p.is_file():
+        raise bad("not a regular file")
+    if p.stat().st_size > MAX_STATE:
+        raise bad(f"more than {MAX_STATE} bytes")
+    try:
+        d = json.loads(p.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise bad(f"unreadable ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise bad(f"expected a JSON object, got {type(d).__name__}")
+    tracker = d.get("tracker")
+    if tracker not in ("wandb", "tensorboard"):
+        raise bad(f"tracker: {str(tracker)[:40]!r} is neither 'wandb' nor 'tensorboard'")
+    if not isinstance(d.get("run_id"), str) or not d["run_id"]:
+        raise bad("run_id: expected a non-empty string")
+    if tracker == "wandb":
+        for key in ("run_id", "project", "entity"):
+            v = d.get(key)
+            if (v is not None or key == "run_id") and not (isinstance(v, str) and _WANDB_NAME.fullmatch(v)):
+                raise bad(f"{key}: {str(v)[:60]!r} is not a W&B name (letters, digits, '_', '.', '-')")
+    elif name_problem(d["run_id"], subfolders=True):  # the folder under RUN/logs that eval writes to
+        raise bad(f"run_id: {shown(d['run_id'])} {name_problem(d['run_id'], subfolders=True)}")
+    return d
 
 
 def wandb_identity(run_cfg, run_dir: str | os.PathLike) -> dict:
@@ -98,10 +136,12 @@ def log_images_to_run(run_dir: str | os.PathLike, images: dict, step: int | None
     per run) and the images are logged with `checkpoint_step`, since W&B steps only grow."""
     state = read_state(run_dir)
     arrays = {name: grid_array(path) for name, path in images.items()}
-    if state.get("tracker") == "tensorboard" and state.get("logdir"):
+    if state.get("tracker") == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter  # what Accelerate's TensorBoard tracker writes with
 
-        writer = SummaryWriter(state["logdir"])
+        # Where Accelerate's tracker writes (RUN/logs/<run.name>); not the recorded absolute
+        # `logdir`, which a moved run folder or an edited file would point elsewhere.
+        writer = SummaryWriter(str(Path(run_dir) / "logs" / state["run_id"]))
         try:
             for name, arr in arrays.items():
                 writer.add_image(name, arr, global_step=step, dataformats="HWC")

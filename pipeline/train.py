@@ -26,6 +26,7 @@ from pipeline import launcher, publish
 from pipeline.config import check_paths, load_recipe
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError, run_cli
 from pipeline.resume import choose_checkpoint
+from pipeline.trackers import read_state
 
 __all__ = ["EXIT_OK", "EXIT_REQUEUE", "main", "parse_args"]
 
@@ -77,6 +78,8 @@ def run(args: argparse.Namespace, hooks=None) -> int:
     launcher.recorded_command()  # the command as run, taken at launch for the checkpoints and the card
     recipe.model.unet_kwargs()  # the model section resolves (preset, sizes) before any work
     choose_checkpoint(recipe.run.output_dir, args.resume_from, args.no_resume)  # refused here, before torch loads
+    if recipe.run.tracker != "none":
+        read_state(recipe.run.output_dir)  # a damaged RUN/tracker.json too, not at the first log
     # Imported here: torch, Accelerate and DeepSpeed take seconds to import, and --help,
     # --dry-run and a recipe refused above need none of them.
     from pipeline.hardware import quiet_deepspeed_cpu_notice

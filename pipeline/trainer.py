@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from pipeline import build, checkpoint, fast_path, integrity, launcher, publish, resume, snapshots, trackers
+from pipeline import build, checkpoint, fast_path, integrity, launcher, publish, resume, run_lock, snapshots, trackers
 from pipeline.atomic import atomic_path
 from pipeline.clipping import ReplicaClipper, make_clipper, replica_micro_batch
 from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
@@ -295,12 +295,21 @@ def train(recipe: Recipe, *, hooks: Optional[Hooks] = None, resume_from: Optiona
           no_resume: bool = False) -> int:
     """Train until train.max_steps (exit 0) or a stop signal (save, exit EXIT_REQUEUE).
     `resume_from` / `no_resume`: see pipeline/resume.py (default: the run's newest checkpoint)."""
+    try:
+        return _train(recipe, hooks, resume_from, no_resume)
+    finally:  # the run folder's lock, which _train takes on the main process, whatever ended it
+        run_lock.release(recipe.run.output_dir)
+
+
+def _train(recipe: Recipe, hooks: Optional[Hooks], resume_from: Optional[str], no_resume: bool) -> int:
     hooks = hooks or Hooks()
     tc, run_dir = recipe.train, Path(recipe.run.output_dir)
     ckpt = resume.choose_checkpoint(run_dir, resume_from, no_resume)  # every rank, before the rendezvous
 
     # Runtime: processes, device, batch layout, precision.
     rt = setup_runtime(recipe)
+    if rt.main:  # before anything is written: one trainer per run folder (a second one exits 2)
+        run_lock.acquire(run_dir)
 
     # Model, EMA, optimizer, loader; fine-tuning weights only for a fresh run.
     if ckpt is not None and ckpt.parent.resolve() == checkpoint.checkpoints_dir(run_dir).resolve():

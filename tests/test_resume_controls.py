@@ -9,14 +9,18 @@ import json
 import pytest
 
 from pipeline.config import RecipeError
+from pipeline.integrity import REQUIRED, digests
 from pipeline.resume import MARKER, choose_checkpoint, record_origin
 from support.training import assert_bitwise_equal, make_tiny_shards, run_train, weights, write_recipe
 
 
 def _ckpt(run, step):
+    """A checkpoint as far as choosing one looks: its required files and their checksums."""
     d = run / "checkpoints" / f"step-{step:08d}"
     d.mkdir(parents=True)
-    (d / "trainer_state.json").write_text(json.dumps({"step": step}))
+    for name in REQUIRED:
+        (d / name).write_text(f"{name} of step {step}")
+    (d / "trainer_state.json").write_text(json.dumps({"step": step, "files": digests(d)}))
     return d
 
 
