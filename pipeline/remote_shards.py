@@ -172,7 +172,10 @@ def _fill(folder: Path, get, what: str, count_samples) -> None:
             sums = None  # shards made without `data_prep push`: their counts are checked instead
         else:
             sums = _read_checksums(folder / CHECKSUMS, what)
-        for name, count in shards:
+        from tqdm.auto import tqdm
+
+        # `what` names the repo and commit (or the URL): the bar says what is coming down.
+        for name, count in tqdm(shards, desc=f"fetching shards {what}", unit="shard", mininterval=2):
             dest = safe_names.inside(folder, name)  # checked above; kept next to the write it guards
             if not (dest.is_file() and _verified(dest, count, sums, count_samples)):
                 get(name, dest)

@@ -6,6 +6,7 @@ exactly-once order as local shards, also by a 2-process training run."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess as sp
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def _stream(loader, n_batches):
     return [pixel_digest(x) for _ in range(n_batches) for x in next(loader)]
 
 
-def test_pushed_shards_load_by_repo_id_exactly_as_local(hub, tmp_path, monkeypatch):
+def test_pushed_shards_load_by_repo_id_exactly_as_local(hub, tmp_path, monkeypatch, capsys):
     shards = make_tiny_shards(tmp_path / "shards")
     monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
     out = push_shards(shards, "alice/tiny-shards")
@@ -94,6 +95,9 @@ def test_pushed_shards_load_by_repo_id_exactly_as_local(hub, tmp_path, monkeypat
 
     kw = dict(batch_size=4, seed=3, random_flip=True, num_workers=0)
     remote, local = TrainLoader("alice/tiny-shards", **kw), TrainLoader(shards, **kw)
+    n_shards = sum(len(sp_["shards"]) for sp_ in names.values())
+    err = capsys.readouterr().err  # the bar names the repo and the commit, and counts shards
+    assert re.search(rf"fetching shards alice/tiny-shards@{out['commit'][:12]}: 100%.* {n_shards}/{n_shards} ", err), err
     assert _stream(remote, 13) == _stream(local, 13)  # two epochs of 24 and a bit: the same order
     cached = Path(remote.shards.paths[0]).parent
     assert cached.is_relative_to(tmp_path / "cache")
