@@ -29,6 +29,7 @@ other samples is unchanged. Each replacement is counted in `loader.skipped`; onc
 from __future__ import annotations
 
 import glob as _glob
+import hashlib
 import io
 import os
 import tarfile
@@ -410,15 +411,37 @@ class TrainLoader:
         self._dl = None
 
     # -- state ------------------------------------------------------------------------------
+    def fingerprint(self) -> str | None:
+        """What tells one data set from another of the same size, cheaply: the bytes of the first
+        and the last training sample (two reads, whatever the data set's size). The same shards,
+        local or fetched, give the same value. None when either cannot be read (a damaged shard
+        is the corrupt-sample rule's business, not a reason to refuse a resume)."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256(str(self.num_samples).encode())
+            try:
+                for i in sorted({0, self.num_samples - 1}):
+                    _, ext, data = self.shards.read(i)
+                    h.update(ext.encode() + b"\0" + data)
+                self._fingerprint = h.hexdigest()[:16]
+            except (OSError, tarfile.TarError, DataError):
+                self._fingerprint = None
+        return self._fingerprint
+
     def state_dict(self) -> dict:
         return {"position": self.position, "epoch": self.epoch,
                 "sample_in_epoch": self.position % self.num_samples, "num_samples": self.num_samples,
-                "seed": self.seed, "skipped": self.skipped, "corrupt": dict(self.corrupt)}
+                "seed": self.seed, "skipped": self.skipped, "corrupt": dict(self.corrupt),
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("num_samples", self.num_samples) != self.num_samples:
             raise DataError(f"the saved loader state is for {state['num_samples']} samples, "
                             f"these shards hold {self.num_samples}")
+        saved, mine = state.get("fingerprint"), self.fingerprint()
+        if saved and mine and saved != mine:  # checkpoints from before the fingerprint carry none
+            raise DataError(f"the saved loader state is for another data set of {self.num_samples} samples "
+                            f"(fingerprint {saved}, these shards {mine}: their first or last training sample "
+                            "differs); resume with the shards it was trained on, or use a new run.output_dir")
         if state.get("seed", self.seed) != self.seed:
             raise DataError(f"the saved loader state has seed {state['seed']}, this loader {self.seed}")
         self.close()

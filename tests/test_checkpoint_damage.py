@@ -22,6 +22,7 @@ from pipeline.integrity import damage
 from pipeline.train import EXIT_OK
 from pipeline.trainer import Hooks, NonFiniteLossError, train
 from pipeline.weights import LoadError
+from support.datasets import make_shards
 from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, run_train, write_recipe
 
 
@@ -162,10 +163,14 @@ def test_refused_resume_changes_nothing(tmp_path, shards, run, sections, error, 
     assert after == before  # config.yaml included
 
 
-def test_resume_on_other_data_changes_nothing(tmp_path, run):
-    other = make_tiny_shards(tmp_path / "other", n_train=30)
+@pytest.mark.parametrize("n_train, seed, match", [
+    (30, 0, "these shards hold 30"),  # another size
+    (24, 5, "another data set of 24 samples"),  # the same size, keys and layout, other images
+])
+def test_resume_on_other_data_changes_nothing(tmp_path, run, n_train, seed, match):
+    other = make_shards(tmp_path / "other", n_train=n_train, n_test=4, seed=seed, resolution=16, shard_size=7)
     before = (run / "config.yaml").read_bytes()
-    with pytest.raises(DataError, match="30"):
+    with pytest.raises(DataError, match=match):
         resume(tmp_path, other, run, train={"max_steps": 6})
     assert (run / "config.yaml").read_bytes() == before
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -109,10 +110,24 @@ def test_resume_continues_the_uninterrupted_stream(shards):
         torch.testing.assert_close(a, torch.cat([next(L) for L in ranks]), rtol=0, atol=0)
 
 
-def test_resume_rejects_other_data(shards):
+def test_resume_rejects_other_data(shards, tmp_path):
     L = TrainLoader(shards, batch_size=4, seed=1, num_workers=0)
     with pytest.raises(DataError, match="for 99 samples"):
         L.load_state_dict({"position": 8, "num_samples": 99, "seed": 1})
+    # Another data set of the same size, keys and layout (other images): refused too.
+    n = L.num_samples
+    other = make_shards(tmp_path / "other", n_train=n, n_test=7, seed=123, shard_size=5)
+    O = TrainLoader(other, batch_size=4, seed=1, num_workers=0)
+    assert O.num_samples == n and O.shards.key(0) == L.shards.key(0)
+    state = json.loads(json.dumps(L.state_dict()))
+    with pytest.raises(DataError, match=f"another data set of {n} samples"):
+        O.load_state_dict(state)
+    TrainLoader(shards, batch_size=4, seed=1, num_workers=0).load_state_dict(state)  # the same shards resume
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)  # the same data elsewhere (as fetched shards are) resumes
+    TrainLoader(copy, batch_size=4, seed=1, num_workers=0).load_state_dict(state)
+    del state["fingerprint"]  # a checkpoint from before the fingerprint
+    O.load_state_dict(state)
 
 
 def test_random_flip_is_per_sample_and_reproducible(shards):
