@@ -113,14 +113,27 @@ def latest_intact(run_dir: str | os.PathLike, *, set_aside: bool = False, report
             return ckpt
         damaged.append((ckpt, why))
         if set_aside:
-            target = ckpt.with_name(f".damaged-{ckpt.name}")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(ckpt, target)
+            os.replace(ckpt, _set_aside_name(ckpt))
     if damaged:
         raise CheckpointError(f"{checkpoints_dir(run_dir)}: every checkpoint is damaged (newest: {damaged[0][0].name}: "
                               f"{damaged[0][1]}); nothing to resume from")
     return None
+
+
+def _set_aside_name(ckpt: Path) -> Path:
+    """`.damaged-step-N`, or `.damaged-step-N.2`, ... when an earlier damaged copy of the same step
+    is already set aside: damage is kept for the user to look at, never deleted by the pipeline."""
+    target, k = ckpt.with_name(f".damaged-{ckpt.name}"), 1
+    while target.exists():
+        k += 1
+        target = ckpt.with_name(f".damaged-{ckpt.name}.{k}")
+    return target
+
+
+def set_aside_damage(run_dir: str | os.PathLike) -> list[Path]:
+    """The damaged checkpoints an earlier resume set aside, newest name first."""
+    d = checkpoints_dir(run_dir)
+    return sorted(d.glob(".damaged-step-*"), reverse=True) if d.is_dir() else []
 
 
 def resume_point(run_dir: str | os.PathLike, acc) -> Path | None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from pipeline import atomic
-from pipeline.checkpoint import is_complete, latest_checkpoint
+from pipeline.checkpoint import is_complete, latest_checkpoint, set_aside_damage
 from pipeline.config import RecipeError
 from pipeline.integrity import damage
 from pipeline.run_lock import LOCK_NAME
@@ -37,6 +37,12 @@ def choose_checkpoint(run_dir: str | os.PathLike, resume_from: str | None = None
         return None
     own = latest_checkpoint(run_dir)
     if not resume_from:
+        damaged = set_aside_damage(run_dir) if own is None else []
+        if damaged:  # every checkpoint was damaged: a fresh start here would follow silently from it
+            raise RecipeError(f"run.output_dir={run_dir}: no intact checkpoint, and {len(damaged)} damaged one(s) set "
+                              f"aside ({', '.join(p.name for p in damaged[:3])}); starting over at step 0 here "
+                              "would hide that: repair or remove them, --resume-from a good checkpoint, or "
+                              "choose a new run.output_dir")
         return own
     src = _checkpoint_of(Path(resume_from))
     if own is None or own.resolve() == src.resolve():

@@ -115,11 +115,33 @@ def test_resume_survives_damage_end_to_end(tmp_path, shards, run, capsys, kind):
     assert newest.name == "step-00000006" and damage(newest) is None
 
 
-def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(run):
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path, shards, run):
     for c in ck.list_checkpoints(run):
         _truncate(c / "ema.safetensors")
     with pytest.raises(ck.CheckpointError, match="every checkpoint is damaged"):
         ck.latest_intact(run)
+    # The first launch refuses and sets them aside; the second must not start over at step 0.
+    with pytest.raises(ck.CheckpointError, match="every checkpoint is damaged"):
+        resume(tmp_path, shards, run, train={"max_steps": 6})
+    reset_accelerate()
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".damaged"))
+    assert kept == [".damaged-step-00000002", ".damaged-step-00000004"]
+    with pytest.raises(RecipeError, match="no intact checkpoint, and 2 damaged one.s. set aside .*step 0"):
+        resume(tmp_path, shards, run, train={"max_steps": 6})
+    assert not ck.list_checkpoints(run)
+
+
+def test_damage_set_aside_twice_keeps_both_copies(run):
+    c4 = run / "checkpoints" / "step-00000004"
+    shutil.copytree(c4, run / "spare")
+    _truncate(c4 / "ema.safetensors")
+    ck.latest_intact(run, set_aside=True, report=lambda m: None)
+    shutil.copytree(run / "spare", c4)  # the same step written again, and damaged again
+    _flip(c4 / "model.safetensors")
+    ck.latest_intact(run, set_aside=True, report=lambda m: None)
+    first, second = run / "checkpoints" / ".damaged-step-00000004", run / "checkpoints" / ".damaged-step-00000004.2"
+    assert damage(first) and "ema.safetensors" in damage(first)
+    assert damage(second) and "model.safetensors" in damage(second)
 
 
 def test_load_verifies_checksums(run):
