@@ -162,6 +162,14 @@ def test_refused_resume_changes_nothing(tmp_path, shards, run, sections, error, 
     assert after == before  # config.yaml included
 
 
+def test_resume_with_another_dropout_is_allowed(tmp_path, shards, run):
+    """README: resuming refuses any other `model` key but dropout (a regulariser, not the
+    architecture: the weights fit unchanged)."""
+    assert resume(tmp_path, shards, run, train={"max_steps": 6}, model={"dropout": 0.3}) == EXIT_OK
+    assert ck.latest_checkpoint(run).name == "step-00000006"
+    assert load_recipe(run / "config.yaml").model.dropout == 0.3
+
+
 def test_resume_on_other_data_changes_nothing(tmp_path, run):
     other = make_tiny_shards(tmp_path / "other", n_train=30)
     before = (run / "config.yaml").read_bytes()
