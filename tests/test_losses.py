@@ -120,10 +120,10 @@ def loss_of(setup, mean_type="eps", var_type="fixed_large", loss_type="simple"):
     return got, x0, eps, x_t, out
 
 
-def assert_per_example_close(got, want, rtol):
+def assert_per_example_close(got, want, rtol, atol=1e-9):
     assert got.shape == want.shape == (len(TS),)
     for i, t in enumerate(TS.tolist()):
-        assert abs(got[i] - want[i]) <= rtol * abs(want[i]) + 1e-9, (
+        assert abs(got[i] - want[i]) <= rtol * abs(want[i]) + atol, (
             f"t={t}: loss {got[i].item():.6g}, formula {want[i].item():.6g}")
 
 
@@ -156,7 +156,8 @@ def test_vlb_is_the_bounds_term_at_each_t(setup, mean_type, var_type):
     kl = per_example(gaussian_kl(mu_q, var_q.clamp(min=1e-300).log().expand_as(mu_q), mean, logvar))
     nll = per_example(decoder_nll(x0, mean, logvar))
     want = torch.where(TS == 0, nll, kl) / math.log(2)
-    assert_per_example_close(got, want, rtol=2e-3)
+    # atol: a KL near 0 is -1 + 1 + (small) in float32, resolved to ~1e-7 per dimension
+    assert_per_example_close(got, want, rtol=2e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("mean_type", ["eps", "x0"])
