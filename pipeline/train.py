@@ -56,7 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None, hooks=None) -> int:
     """`hooks`: a pipeline.trainer.Hooks for tests (tests/support/train_with_hooks.py)."""
-    faulthandler.enable()  # a crash in native code (gloo, a CUDA kernel) shows every thread's Python stack
+    # A crash in native code (gloo, a CUDA kernel) shows every thread's Python stack. To the process's
+    # own stderr: a caller's replacement of sys.stderr (pytest's capture) has no file descriptor.
+    try:
+        faulthandler.enable(file=sys.__stderr__)
+    except (AttributeError, ValueError):  # no stderr at all (None, or closed): run without it
+        pass
     return run_cli(run, parse_args(argv), hooks)
 
 
