@@ -58,8 +58,8 @@ BUGS = (
         'p["mean"] + nonzero * 0 * torch.exp(0.5 * p["log_variance"]) * noise',
         ("tests/test_sampling.py",)),
     Bug("sampler step off by one (t - 1 for t)", "pipeline/sampling.py",
-        "t = torch.full((B,), i, dtype=torch.long, device=x.device)",
-        "t = torch.full((B,), max(i - 1, 0), dtype=torch.long, device=x.device)",
+        "t = torch.full((B,), i, dtype=torch.long, device=x.device)\n        if i > 0:",
+        "t = torch.full((B,), max(i - 1, 0), dtype=torch.long, device=x.device)\n        if i > 0:",
         ("tests/test_sampling.py",)),
     Bug("loader order shuffled differently", "pipeline/data.py",
         "perm = np.random.default_rng([self.seed, e]).permutation(self.n)",
@@ -83,7 +83,8 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout: int) -> tuple[list[st
     except subprocess.TimeoutExpired as e:
         out = f"{e.stdout or ''}\nTIMEOUT after {timeout} s"
         return [f"(timed out after {timeout} s)"], time.time() - t0, out[-2000:]
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, re.M)
+    # "FAILED tests/x.py::name[param with spaces] - message": the id ends at " - " or the line's end
+    failed = re.findall(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", out, re.M)
     if p.returncode not in (0, 1) and not failed:  # collection error, crash: the run itself failed
         failed = [f"(pytest exit {p.returncode})"]
     return failed, time.time() - t0, out[-2000:]
