@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock quickstart lint test test-fast clean-quickstart
+.PHONY: install lock quickstart lint test test-fast mutate clean-quickstart
 
 # Every package from the lock (constraints.txt), exact: the venv's own tools, the build tools of
 # the editable install and of deepspeed's sdist (--build-constraint), the test extra, everything
@@ -39,6 +39,12 @@ test: install
 # The fast suite only (a few minutes).
 test-fast: install
 	$(PY) -m pytest
+
+# Deliberate bugs (the loss, the EMA, the sampler, the loader's order, checksums), one at a time in a
+# temporary copy of the tree, against the fast tests that should catch them: a table of
+# bug -> caught by which test (scripts/mutate.py; a few minutes).
+mutate: install
+	$(PY) -m scripts.mutate
 
 clean-quickstart:
 	rm -rf quickstart_out

@@ -185,6 +185,14 @@ def test_refused_resume_changes_nothing(tmp_path, shards, run, sections, error, 
     assert after == before  # config.yaml included
 
 
+def test_resume_with_another_dropout_is_allowed(tmp_path, shards, run):
+    """README: resuming refuses any other `model` key but dropout (a regulariser, not the
+    architecture: the weights fit unchanged)."""
+    assert resume(tmp_path, shards, run, train={"max_steps": 6}, model={"dropout": 0.3}) == EXIT_OK
+    assert ck.latest_checkpoint(run).name == "step-00000006"
+    assert load_recipe(run / "config.yaml").model.dropout == 0.3
+
+
 @pytest.mark.parametrize("n_train, seed, match", [
     (30, 0, "these shards hold 30"),  # another size
     (24, 5, "another data set of 24 samples"),  # the same size, keys and layout, other images
@@ -215,19 +223,54 @@ def test_divergence_keeps_the_newest_good_checkpoint(tmp_path, shards):
     assert [c.name for c in ck.list_checkpoints(tmp_path / "run")] == [good.name] and damage(good) is None
 
 
-@pytest.mark.slow  # a training process
-def test_disk_full_while_saving(tmp_path, shards):
-    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", train={"max_steps": 4})
-    p = subprocess.run([PY, HOOKS_SCRIPT, "--disk-full-at", "3", str(recipe)], env=env(), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+def assert_save_failed_cleanly(p, run: str, why: str) -> None:
+    """One error line naming the checkpoint, the free space and the reason; the partial
+    checkpoint removed; the previous one intact and the run's newest."""
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1, p.stderr[-3000:]
     assert "no space to write checkpoint step-00000004" in errors[0] and "MiB free there" in errors[0]
+    assert why in errors[0], errors[0]
     assert "newest complete one: step-00000002" in errors[0] and "Traceback" not in p.stderr
-    d = tmp_path / "run" / "checkpoints"
+    d = run / "checkpoints"
     assert sorted(x.name for x in d.iterdir()) == ["latest", "step-00000002"]  # partial removed
     assert damage(d / "step-00000002") is None
     assert json.loads((d / "step-00000002" / "trainer_state.json").read_text())["step"] == 2
+
+
+@pytest.mark.slow  # a training process
+def test_file_size_limit_while_saving(tmp_path, shards):
+    """A write past RLIMIT_FSIZE (EFBIG) from step 3 on is reported as a full disk."""
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", train={"max_steps": 4})
+    p = subprocess.run([PY, HOOKS_SCRIPT, "--file-limit-at", "3", str(recipe)], env=env(), cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert_save_failed_cleanly(p, tmp_path / "run", "File too large")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 64 MiB tmpfs of its own (root only): a file system that really fills, with ENOSPC."""
+    d = tmp_path / "fs"
+    d.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+@pytest.mark.slow  # a training process
+def test_disk_full_while_saving(tmp_path, shards, small_tmpfs):
+    """The run's file system fills at step 3 (a real ENOSPC, not a limit): checkpoint 4 fails."""
+    run = small_tmpfs / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, run, train={"max_steps": 4})
+    p = subprocess.run([PY, HOOKS_SCRIPT, "--fill-disk-at", "3", "--filler", str(small_tmpfs / "filler"),
+                        str(recipe)], env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (small_tmpfs / "filler").stat().st_size > 0
+    assert_save_failed_cleanly(p, run, "No space left on device")
 
 
 @pytest.mark.slow  # two 2-process training launches over gloo

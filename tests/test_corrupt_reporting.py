@@ -63,3 +63,29 @@ def test_unreadable_shard_stops_at_the_same_limit(tmp_path, base):
     with pytest.raises(DataError, match=r"train-000002.tar: corrupt sample .* 4 corrupt samples > max_corrupt=3"):
         for _ in range(3):
             next(loader)
+
+
+def test_training_stores_the_corrupt_samples_in_trainer_state(tmp_path, base):
+    """README: corrupt samples met in training are stored in trainer_state.json (and so survive
+    a resume), keyed by shard and sample, with the reason."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from pipeline import checkpoint as ck
+    from pipeline.config import load_recipe
+    from pipeline.trainer import train
+    from support.training import write_recipe
+
+    d = tmp_path / "s"
+    shutil.copytree(base, d)
+    _bad_member(d / "train-000001.tar")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", d, tmp_path / "run",
+                                      train={"max_steps": 6, "checkpoint_every": 6}))  # one epoch of 24
+    try:
+        assert train(recipe) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    data = ck.read_trainer_state(ck.latest_checkpoint(tmp_path / "run"))["data"]
+    assert data["skipped"] == 1 and len(data["corrupt"]) == 1
+    (where, reason), = data["corrupt"].items()
+    assert where.startswith(str(d / "train-000001.tar") + ":") and "ValueError" in reason

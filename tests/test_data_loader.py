@@ -149,6 +149,22 @@ def test_random_flip_is_per_sample_and_reproducible(shards):
     assert all(k in table for k in (x.numpy().tobytes() for x in to_uint8(next(off))))
 
 
+def test_order_is_the_seeded_permutation_of_each_epoch(shards):
+    """The stream is pinned, not just exactly-once: epoch e visits the samples (manifest order) in
+    numpy PCG64 default_rng([seed, e]).permutation(N) and mirrors sample i where
+    default_rng([seed, e, 1]).integers(0, 2, N)[i] (pipeline.rng's docstring). A checkpoint of an
+    earlier version resumes the same data only while this holds."""
+    _, imgs = key_of(shards)
+    keys = list(imgs)  # manifest order (iter_split)
+    N, seed = len(keys), 11
+    L = TrainLoader(shards, batch_size=N, seed=seed, random_flip=True, num_workers=0)
+    for e in range(2):  # one batch = one epoch
+        perm = np.random.default_rng([seed, e]).permutation(N)
+        flips = np.random.default_rng([seed, e, 1]).integers(0, 2, N).astype(bool)
+        want = torch.stack([imgs[keys[i]].flip(-1) if flips[i] else imgs[keys[i]] for i in perm])
+        assert torch.equal(to_uint8(next(L)), want), f"epoch {e}"
+
+
 def corrupt_member(shard_path, index=0):
     """Overwrite the data of one tar member with garbage of the same length; returns its key."""
     with tarfile.open(shard_path) as tar:

@@ -91,15 +91,23 @@ def test_lsun_crop_resize_matches_pil_by_hand_and_skips(tmp_path):
 
 
 def test_preprocess_is_not_a_plain_resize(tmp_path):
-    """Guard the test above: a different filter or no crop gives different pixels."""
-    values = make_lsun_lmdb(tmp_path / "lmdb", n=2, size=24, seed=3)
-    v = next(iter(values.values()))
-    img = Image.open(io.BytesIO(v)).convert("RGB")
-    assert img.width != img.height
-    ours = by_hand(v, 16)
-    assert not np.array_equal(ours, np.asarray(img.resize((16, 16), Image.LANCZOS)))
-    box = img.crop((0, 0, min(img.size), min(img.size)))
-    assert not np.array_equal(ours, np.asarray(box.resize((16, 16), Image.BICUBIC)))
+    """What data_prep stores for non-square images is told apart from two plausible wrong
+    preprocessings (so the by-hand equality above pins the crop and the filter): a plain
+    Lanczos resize without the centre crop, and a corner crop with bicubic resampling."""
+    values = make_lsun_lmdb(tmp_path / "lmdb", n=4, size=24, seed=3)
+    prepare(LsunSource(tmp_path / "lmdb"), tmp_path / "out", resolution=16, test_count=0, progress=False)
+    stored = read_shards(tmp_path / "out", "train")
+    checked = 0
+    for key, (ext, data) in stored.items():
+        ours = pixels(ext, data)
+        img = Image.open(io.BytesIO(values[key])).convert("RGB")
+        if img.width == img.height:
+            continue  # a square image has no crop to get wrong
+        checked += 1
+        assert not np.array_equal(ours, np.asarray(img.resize((16, 16), Image.LANCZOS)))
+        box = img.crop((0, 0, min(img.size), min(img.size)))
+        assert not np.array_equal(ours, np.asarray(box.resize((16, 16), Image.BICUBIC)))
+    assert checked >= 2
 
 
 def test_too_small_kept_with_allow_upscale(tmp_path):

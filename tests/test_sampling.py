@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from pipeline.diffusion import GaussianDiffusion, linear_beta_schedule
+from support.model import redraw_zero_init
 
 
 def test_ancestral_sampling_is_reproducible_and_in_range(tiny_unet, gen):
@@ -64,3 +65,30 @@ def test_interpolation_shares_the_reverse_noise(tiny_unet, gen):
     assert out.shape == (2, 4, 3, 16, 16) and out.abs().max() <= 1
     assert torch.equal(out[:, 0], out[:, 1])  # same latent, same reverse noise -> same image
     assert not torch.allclose(out[:, 0], out[:, 3])
+
+
+@pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small"])
+def test_ancestral_sampling_is_algorithm_2_written_out(var_type, tiny_unet, gen):
+    """Algorithm 2 by hand in float64, for a random U-Net with real output: x_T ~ N(0, I); for
+    t = T..1, z ~ N(0, I) (z = 0 at the last step), x_{t-1} = mu + sigma_t z with sigma_t^2 =
+    beta_t (fixed_large) or beta-tilde_t (fixed_small). mu is eq. 7's posterior mean at the
+    predicted x_0 = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t) clipped to [-1, 1] (the
+    original's clip_denoised; unclipped it is eq. 11). One generator draws x_T, then each z."""
+    T = 20
+    d = GaussianDiffusion(linear_beta_schedule(T), var_type=var_type)
+    net = redraw_zero_init(tiny_unet(seed=6))
+    betas = torch.tensor([1e-4 + (0.02 - 1e-4) * i / (T - 1) for i in range(T)], dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    var = betas * (1 - abar_prev) / (1 - abar) if var_type == "fixed_small" else betas
+    g = gen(0)
+    x = torch.randn(2, 3, 16, 16, generator=g).double()  # drawn in float32, as the sampler draws
+    for t in range(T - 1, -1, -1):
+        z = torch.randn(x.shape, generator=g).double() if t > 0 else torch.zeros_like(x)
+        with torch.no_grad():
+            eps = net(x.float(), torch.full((2,), t)).double()
+        x0_hat = ((x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()).clamp(-1, 1)
+        mu = (abar_prev[t].sqrt() * betas[t] * x0_hat + (1 - betas[t]).sqrt() * (1 - abar_prev[t]) * x) / (1 - abar[t])
+        x = mu + var[t].sqrt() * z
+    got = d.p_sample_loop(net, (2, 3, 16, 16), generator=gen(0))
+    torch.testing.assert_close(got.double(), x.clamp(-1, 1), rtol=0, atol=1e-4)

@@ -266,6 +266,12 @@ def test_nan_loss_is_skipped_and_counted(tmp_path, shards, fresh_accelerate):
     assert [states[f"step-{s:08d}"]["nonfinite_total"] for s in (1, 2, 3, 4)] == [0, 2, 2, 2]
     # The two skipped batches were consumed (4 samples each): the data order moved on.
     assert [states[f"step-{s:08d}"]["samples_seen"] for s in (1, 2, 3, 4)] == [4, 16, 20, 24]
+    # ... but not the lr schedule (warm-up over 3 steps): step k ran at learning_rate(k - 1),
+    # as if the skipped attempts had not happened (Adam's saved param group holds the last lr).
+    for s in (1, 2, 3, 4):
+        opt = next(p for p in (cks[f"step-{s:08d}"] / "accelerate").iterdir() if p.name.startswith("optimizer"))
+        lr = torch.load(opt, weights_only=True)["param_groups"][0]["lr"]
+        assert lr == pytest.approx(learning_rate(s - 1, 1e-3, 3)), f"step {s}"
     for name in ("model.safetensors", "ema.safetensors"):
         a, c = weights(cks["step-00000001"], name), weights(cks["step-00000002"], name)
         assert not all(torch.equal(a[k], c[k]) for k in a)
