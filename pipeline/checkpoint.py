@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -288,12 +289,44 @@ def commit(run_dir: str | os.PathLike, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
-def prune(run_dir: str | os.PathLike, keep: int) -> None:
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        _discard(old)
+SPIKE = 2.0  # the kept checkpoints' loss above this multiple of an older one's: diverged
+
+
+def prune(run_dir: str | os.PathLike, keep: int, report=print) -> None:
+    """Remove all but the newest `keep` checkpoints, except the last sane one: when every kept
+    checkpoint's recorded training loss is above SPIKE x the lowest one among those to remove
+    (a run that blew up with finite weights, e.g. lr 1e6), that one stays and is named."""
+    found = list_checkpoints(run_dir)
+    drop, kept = (found[:-keep], found[-keep:]) if keep > 0 else ([], found)
+    pin = _last_sane(drop, kept)
+    if pin is not None:
+        report(f"{pin.parent / kept[-1].name}: training loss {_loss(kept[-1]):.4g}, above {SPIKE:g}x the "
+               f"{_loss(pin):.4g} of {pin.name}: the run may have diverged; {pin.name} is kept "
+               f"(resume it with --resume-from {pin})")
+    for old in drop:
+        if old != pin:
+            _discard(old)
     d = checkpoints_dir(run_dir)
     for trash in d.glob(".trash-*"):  # a previous kill during deletion
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _loss(ckpt: Path) -> float | None:
+    try:
+        v = read_trainer_state(ckpt).get("loss")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def _last_sane(drop: list[Path], kept: list[Path]) -> Path | None:
+    losses = {c: _loss(c) for c in drop}
+    candidates = [c for c in drop if losses[c] is not None]
+    kept_losses = [v for v in map(_loss, kept) if v is not None]
+    if not candidates or not kept_losses:
+        return None  # checkpoints written before losses were recorded: prune as before
+    best = min(candidates, key=losses.get)
+    return best if min(kept_losses) > SPIKE * losses[best] else None
 
 
 def clean_stale(run_dir: str | os.PathLike) -> None:

@@ -283,6 +283,8 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_streak: int = 0
     fp16_overflows: int = 0
+    loss_sum: float = 0.0  # since the last checkpoint: its mean loss is saved with it (pruning)
+    loss_steps: int = 0
 
     @classmethod
     def from_saved(cls, saved: dict) -> TrainState:
@@ -341,6 +343,8 @@ def _train(recipe: Recipe, hooks: Optional[Hooks], resume_from: Optional[str], n
             if progress is not None:
                 progress.update(state.step, result, parts.loader.position, state.nonfinite_total)
             due = not result.skipped  # a non-finite step is not a step: nothing is due, nothing saved
+            if due:
+                state.loss_sum, state.loss_steps = state.loss_sum + result.loss, state.loss_steps + 1
             if due and rt.main and tc.sample_every > 0 and state.step % tc.sample_every == 0:
                 grid = write_sample_grid(recipe, parts.ema, parts.diffusion, run_dir, state.step)
                 progress.log_image("samples", grid, state.step)
@@ -529,7 +533,11 @@ def save(recipe: Recipe, rt: Runtime, parts: Parts, state: TrainState, hooks: Ho
         "fp16_overflows": state.fp16_overflows, "mixed_precision": rt.precision,
         "distributed_type": str(rt.acc.distributed_type), "device": _device_name(rt.device),
         "command": launcher.recorded_command(),
+        # The mean training loss since the previous checkpoint: pruning keeps the last sane
+        # checkpoint when the newest ones diverged (pipeline/checkpoint.py, prune).
+        "loss": state.loss_sum / state.loss_steps if state.loss_steps else None,
         "time": time.time()}
+    state.loss_sum, state.loss_steps = 0.0, 0
     return checkpoint.write_checkpoint(recipe.run.output_dir, state.step, acc=rt.acc, net=parts.net, ema=parts.ema,
                                        recipe=recipe, state=trainer_state, keep=tc.keep_checkpoints,
                                        in_save=hooks.in_save)

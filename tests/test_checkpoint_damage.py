@@ -205,6 +205,27 @@ def test_resume_on_other_data_changes_nothing(tmp_path, run, n_train, seed, matc
     assert (run / "config.yaml").read_bytes() == before
 
 
+def test_a_blow_up_with_finite_weights_keeps_the_last_sane_checkpoint(tmp_path, shards, run, capsys):
+    """lr 3 from step 4 with keep_checkpoints 1: the weights stay finite but the loss explodes
+    (at lr 1e6 the loss is non-finite at once: skipped steps, the rule of the next test); pruning
+    keeps step 4 (the last sane one) beside the newest and names it."""
+    sane = ck.read_trainer_state(run / "checkpoints" / "step-00000004")["loss"]
+    assert resume(tmp_path, shards, run, train={"max_steps": 8, "checkpoint_every": 2, "keep_checkpoints": 1,
+                                                "lr": 3.0, "warmup_steps": 0}) == EXIT_OK
+    names = [c.name for c in ck.list_checkpoints(run)]
+    assert names == ["step-00000004", "step-00000008"], names
+    blown = ck.read_trainer_state(run / "checkpoints" / "step-00000008")["loss"]
+    assert blown > 100 * sane, (sane, blown)
+    assert "the run may have diverged; step-00000004 is kept" in capsys.readouterr().out
+    # A run whose loss does not spike keeps only the newest, as before.
+    again = tmp_path / "calm"
+    recipe = load_recipe(write_recipe(tmp_path / "c.yaml", shards, again,
+                                      train={"max_steps": 6, "checkpoint_every": 2, "keep_checkpoints": 1}))
+    reset_accelerate()
+    assert train(recipe) == EXIT_OK
+    assert [c.name for c in ck.list_checkpoints(again)] == ["step-00000006"]
+
+
 def test_divergence_keeps_the_newest_good_checkpoint(tmp_path, shards):
     """Non-finite weights after a finite loss (an infinite gradient): never saved, never pruning
     the good checkpoint; the run stops with one line naming it."""
