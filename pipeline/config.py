@@ -216,17 +216,22 @@ def check_paths(recipe: Recipe, source: str = "<recipe>") -> None:
         m = read_manifest(manifest)
     except ManifestError as e:
         raise RecipeError(f"{source}: data.shards: {e}") from None
-    res = recipe.model.unet_kwargs()["resolution"]
-    if m.get("resolution") is not None and m["resolution"] != res:
-        raise RecipeError(f"{source}: model resolution {res} does not match the shards' resolution "
-                          f"{m['resolution']} ({manifest})")
-    if not m["splits"].get("train", {}).get("count"):
-        raise RecipeError(f"{source}: data.shards: {manifest} has no training samples")
+    check_shards_fit(recipe, m, f"{source}: ", str(manifest))
     init = recipe.train.init_from
     if init and not Path(init).exists():  # a Hub id is namespace/name, and not a local folder's child
         parent = Path(init).parent
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", init) or (parent != Path(".") and parent.is_dir()):
             raise RecipeError(f"{source}: train.init_from: {short(init)}: no such file or directory")
+
+
+def check_shards_fit(recipe: Recipe, m: dict, prefix: str, manifest: str) -> None:
+    """The shards' manifest `m` fits the recipe: the model's resolution, and training samples."""
+    res = recipe.model.unet_kwargs()["resolution"]
+    if m.get("resolution") is not None and m["resolution"] != res:
+        raise RecipeError(f"{prefix}model resolution {res} does not match the shards' resolution "
+                          f"{m['resolution']} ({manifest})")
+    if not m["splits"].get("train", {}).get("count"):
+        raise RecipeError(f"{prefix}data.shards: {manifest} has no training samples")
 
 
 def _remote(shards: str) -> bool:

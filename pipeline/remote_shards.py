@@ -156,7 +156,7 @@ def _fill(folder: Path, get, what: str, count_samples) -> None:
     (pipeline/manifest.py, safe_names.py) before the first shard is fetched: a name that leads
     out of the folder never reaches a download or a write."""
     with _locked(folder):
-        if (folder / COMPLETE).is_file():
+        if (folder / COMPLETE).is_file() and _sizes_hold(folder):
             return
         folder.mkdir(parents=True, exist_ok=True)
         get("manifest.json", folder / "manifest.json")
@@ -178,12 +178,27 @@ def _fill(folder: Path, get, what: str, count_samples) -> None:
         for name, count in tqdm(shards, desc=f"fetching shards {what}", unit="shard", mininterval=2):
             dest = safe_names.inside(folder, name)  # checked above; kept next to the write it guards
             if not (dest.is_file() and _verified(dest, count, sums, count_samples)):
+                dest.unlink(missing_ok=True)  # the Hub client would take a bad copy in its folder as done
                 get(name, dest)
                 if not _verified(dest, count, sums, count_samples):
                     dest.unlink()
                     raise RemoteShardsError(f"data.shards={what}: {name} does not match "
                                             f"{CHECKSUMS if sums else 'manifest.json'}; the copy was deleted")
         atomic.write_text(folder / COMPLETE, what + "\n", fsync=True)
+
+
+def _sizes_hold(folder: Path) -> bool:
+    """A verified copy reused at the next launch is checked for size against checksums.json
+    (a stat per shard, not a hash of the whole data set); a shard changed on disk sends the
+    folder back through the fetch, where every shard is hashed and a bad one fetched again."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_bytes())
+        return all((folder / name).stat().st_size == entry["bytes"] for name, entry in sums.items()
+                   if safe_names.name_problem(name) is None)
+    except FileNotFoundError as e:
+        return e.filename is not None and Path(e.filename).name == CHECKSUMS  # no checksums: counts were checked
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _read_checksums(path: Path, what: str) -> dict:

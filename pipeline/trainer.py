@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 from pipeline import build, checkpoint, fast_path, integrity, launcher, publish, resume, run_lock, snapshots, trackers
 from pipeline.atomic import atomic_path
 from pipeline.clipping import ReplicaClipper, make_clipper, replica_micro_batch
-from pipeline.config import Recipe, RecipeError, TrainConfig, save_recipe
-from pipeline.data import TrainLoader
+from pipeline.config import Recipe, RecipeError, TrainConfig, check_shards_fit, save_recipe
+from pipeline.data import ShardSet, TrainLoader
 from pipeline.diffusion import GaussianDiffusion, NoiseDraw
 from pipeline.ema import EMA, warmup_decay
 from pipeline.errors import EXIT_OK, EXIT_REQUEUE, UserError
 from pipeline.hardware import precision_problem
 from pipeline.hub import load_pretrained
+from pipeline.remote_shards import is_remote
 from pipeline.rng import STREAM_DROPOUT, STREAM_SAMPLE_GRID, mix_seed, stream_generators
 from pipeline.unet import UNet
 from pipeline.weights import load_state_dict
@@ -318,6 +319,10 @@ def _train(recipe: Recipe, hooks: Optional[Hooks], resume_from: Optional[str], n
         ckpt = checkpoint.resume_point(run_dir, rt.acc)  # the newest intact one; damaged ones reported
     if ckpt is not None:
         checkpoint.check_resumable(ckpt, recipe)
+    if is_remote(recipe.data.shards):  # fetched (and verified) now: checked before the model is built
+        shards = ShardSet(recipe.data.shards, "train")
+        check_shards_fit(recipe, shards.manifest or {"splits": {"train": {"count": len(shards)}}},
+                         "", f"data.shards={recipe.data.shards}")
     parts = build_parts(recipe, rt, init_weights=ckpt is None)
 
     # Resume: weights, optimizer, RNG states, EMA, loader position, counters.

@@ -103,6 +103,11 @@ def test_pushed_shards_load_by_repo_id_exactly_as_local(hub, tmp_path, monkeypat
     assert cached.is_relative_to(tmp_path / "cache")
     with pytest.raises(RemoteShardsError, match="alice/missing: no local folder of that name .* no Hub data set repo"):
         TrainLoader("alice/missing", **kw)
+    # A cached shard changed on disk is noticed at the next open (by size) and fetched again.
+    cached_shard = Path(remote.shards.paths[1])
+    cached_shard.write_bytes(cached_shard.read_bytes()[:2048])
+    assert _stream(TrainLoader("alice/tiny-shards", **kw), 13) == _stream(TrainLoader(shards, **kw), 13)
+    assert cached_shard.read_bytes() == (shards / cached_shard.name).read_bytes()
     hub.stop()  # offline: the verified copy is used
     again = TrainLoader("alice/tiny-shards", **kw)
     assert again.shards.paths == remote.shards.paths
@@ -125,6 +130,20 @@ def test_fsspec_url_is_fetched_and_verified(tmp_path, monkeypatch):
         TrainLoader(f"file://{bad}", **kw)
     with pytest.raises(RemoteShardsError, match="cannot read manifest.json"):
         TrainLoader(f"file://{tmp_path / 'nowhere'}", **kw)
+
+
+def test_remote_shards_of_another_resolution_are_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    shards = make_tiny_shards(tmp_path / "shards")  # 16x16
+    monkeypatch.setenv("DDPM_SHARDS_CACHE", str(tmp_path / "cache"))
+    recipe = write_recipe(tmp_path / "r.yaml", shards, tmp_path / "run", model={"resolution": 32})
+    cmd, e = train_cmd(recipe, f"data.shards=file://{shards}")
+    r = sp.run(cmd, env={**e, "DDPM_SHARDS_CACHE": str(tmp_path / "cache")}, cwd=ROOT, capture_output=True,
+               text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "model resolution 32 does not match the shards' resolution 16" in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("fetching shards")]  # the fetch bar
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_url_of_a_filesystem_not_on_disk(tmp_path, monkeypatch):
