@@ -77,7 +77,25 @@ class HfSource:
             raise ValueError("empty image cell")
         if cell.get("bytes") is not None:
             return cell["bytes"]
-        if cell.get("path") and os.path.isfile(cell["path"]):
-            with open(cell["path"], "rb") as f:
+        path = cell.get("path")
+        if path and os.path.isfile(path):
+            if not any(Path(path).resolve().is_relative_to(root) for root in self._roots()):
+                # A cell is data, not an instruction: a parquet file naming /etc/passwd or ~/.ssh/id_rsa
+                # must not copy that file into the shards (and from there to the Hub).
+                raise ValueError(f"image cell names a file outside the data set ({str(path)[:200]}); not read")
+            with open(path, "rb") as f:
                 return f.read()
-        raise ValueError(f"image cell without bytes (path {cell.get('path')!r} not found)")
+        raise ValueError(f"image cell without bytes (path {str(path)[:200]!r} not found)")
+
+    def _roots(self) -> list[Path]:
+        """Where a cell's file may lie: the local data set folder (an image folder data set names
+        its own files) and the caches the datasets library downloads a Hub data set's files into."""
+        if not hasattr(self, "_root_list"):
+            import datasets
+            from huggingface_hub import constants
+
+            roots = [Path(datasets.config.HF_DATASETS_CACHE), Path(constants.HF_HUB_CACHE)]
+            if Path(self.name).exists():
+                roots.append(Path(self.name))
+            self._root_list = [r.resolve() for r in roots]
+        return self._root_list

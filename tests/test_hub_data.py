@@ -49,7 +49,9 @@ def test_parquet_image_dataset_converts_into_the_same_shards(tmp_path):
     paths = make_image_folder(tmp_path / "images", n=6, size=24)
     split = {"train": paths[:4], "test": paths[4:]}
     for name, ps in split.items():
-        ds = datasets.Dataset.from_dict({"img": [str(p) for p in ps], "label": list(range(len(ps)))},
+        # The bytes inside the parquet file, as the Hub's parquet data sets hold them.
+        ds = datasets.Dataset.from_dict({"img": [{"bytes": p.read_bytes(), "path": p.name} for p in ps],
+                                         "label": list(range(len(ps)))},
                                         features=datasets.Features({"img": datasets.Image(),
                                                                     "label": datasets.Value("int64")}))
         (tmp_path / "pq" / "data").mkdir(parents=True, exist_ok=True)
@@ -76,6 +78,34 @@ def test_parquet_image_dataset_converts_into_the_same_shards(tmp_path):
         np.testing.assert_array_equal(got[key], ref[f"{i:05d}"])
     bad = _prep(["hf", "--dataset", str(tmp_path / "pq"), "--image-column", "label", "--out", str(tmp_path / "x")])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "no image column label" in bad.stderr
+
+
+def test_parquet_cell_naming_a_local_file_outside_the_data_set_is_not_read(tmp_path):
+    """A parquet image cell with only a `path` is an instruction to read a local file: outside the
+    data set's folder and the datasets caches it is refused (the row skipped and recorded)."""
+    datasets = pytest.importorskip("datasets")
+    paths = make_image_folder(tmp_path / "images", n=3, size=24)
+    secret = paths[2]  # stands for ~/.ssh/id_rsa: any readable file of the user's
+    cells = [{"bytes": p.read_bytes(), "path": p.name} for p in paths[:2]] + [{"bytes": None, "path": str(secret)}]
+    ds = datasets.Dataset.from_dict({"img": cells}, features=datasets.Features({"img": datasets.Image()}))
+    (tmp_path / "pq" / "data").mkdir(parents=True)
+    ds.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+    r = _prep(["hf", "--dataset", str(tmp_path / "pq"), "--out", str(tmp_path / "s"), "--resolution", "16",
+               "--test-count", "0", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["splits"]["train"]["count"] == 2
+    assert "train_00000002" in json.dumps(m["skipped"]) and "outside the data set" in json.dumps(m["skipped"])
+    # Inside the data set's own folder (an image folder data set names its files): read.
+    inside = tmp_path / "pq" / "own.png"
+    inside.write_bytes(secret.read_bytes())
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": None, "path": str(inside)}]},
+                                    features=datasets.Features({"img": datasets.Image()}))
+    ds.to_parquet(str(tmp_path / "pq" / "data" / "train-00000-of-00001.parquet"))
+    r = _prep(["hf", "--dataset", str(tmp_path / "pq"), "--out", str(tmp_path / "s2"), "--resolution", "16",
+               "--test-count", "0", "--no-progress"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s2" / "manifest.json").read_text())["splits"]["train"]["count"] == 1
 
 
 def _stream(loader, n_batches):
