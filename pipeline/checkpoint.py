@@ -187,14 +187,17 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, *, acc, net, ema, re
     if acc.is_main_process:
         begin(run_dir, step)
     acc.wait_for_everyone()
-    try:
-        acc.save_state(str(tmp / "accelerate"), safe_serialization=True)
-        # Every rank's EMA digest: they must agree (DDP / ZeRO-2 keep the weights replicated).
-        digests = gather_object([ema.digest()])
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if len(set(digests)) != 1:
-                log.error("EMA differs between ranks at step %d: %s", step, digests)
+    # A full disk can stop any rank's write; every rank learns of it (two all-gathers), so all of
+    # them end with the same one line instead of one rank's traceback under a peer's hang.
+    full = _unless_disk_full(lambda: acc.save_state(str(tmp / "accelerate"), safe_serialization=True))
+    # Every rank's EMA digest: they must agree (DDP / ZeRO-2 keep the weights replicated).
+    gathered = gather_object([(ema.digest(), full)])
+    digests, full = [d for d, _ in gathered], next((f for _, f in gathered if f), None)
+    if acc.is_main_process and full is None:
+        if len(set(digests)) != 1:
+            log.error("EMA differs between ranks at step %d: %s", step, digests)
+
+        def write_main():
             weights = {k: v.detach().float().cpu().contiguous().clone() for k, v in net.state_dict().items()}
             save_file(weights, str(tmp / "model.safetensors"))
             save_file(ema.state_dict(), str(tmp / "ema.safetensors"))
@@ -206,17 +209,30 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, *, acc, net, ema, re
             atomic.write_json(tmp / STATE_FILE, {**state, "ema_sha256_by_rank": digests,
                                                  "files": integrity.digests(tmp)})
             commit(run_dir, tmp, step, keep)
-    except Exception as e:
-        if not integrity.is_disk_full(e):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint; the previous one is untouched
+
+        full = _unless_disk_full(write_main)
+    full = next((f for f in gather_object([full]) if f), None)
+    if full is not None:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint; the previous one is untouched
+        acc.wait_for_everyone()
         free = shutil.disk_usage(checkpoints_dir(run_dir)).free
         prev = latest_checkpoint(run_dir)
         raise CheckpointError(f"{checkpoints_dir(run_dir)}: no space to write checkpoint {step_name(step)} "
-                              f"({free / 2**20:.0f} MiB free there; {one_line_reason(e)}); partial checkpoint "
-                              f"removed, newest complete one: {prev.name if prev else 'none'}") from None
-    acc.wait_for_everyone()
+                              f"({free / 2**20:.0f} MiB free there; {full}); partial checkpoint "
+                              f"removed, newest complete one: {prev.name if prev else 'none'}")
     return checkpoints_dir(run_dir) / step_name(step)
+
+
+def _unless_disk_full(write: Callable[[], None]) -> Optional[str]:
+    """Run `write`; the one-line reason if the disk was full (other errors propagate)."""
+    try:
+        write()
+    except Exception as e:
+        if not integrity.is_disk_full(e):
+            raise
+        return one_line_reason(e)
+    return None
 
 
 def one_line_reason(e: BaseException) -> str:

@@ -23,7 +23,7 @@ from pipeline.train import EXIT_OK
 from pipeline.trainer import Hooks, NonFiniteLossError, train
 from pipeline.weights import LoadError
 from support.datasets import make_shards
-from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, run_train, write_recipe
+from support.training import HOOKS_SCRIPT, PY, ROOT, env, make_tiny_shards, run_train, train_cmd, write_recipe
 
 
 def reset_accelerate():
@@ -292,6 +292,25 @@ def test_disk_full_while_saving(tmp_path, shards, small_tmpfs):
                         str(recipe)], env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert (small_tmpfs / "filler").stat().st_size > 0
     assert_save_failed_cleanly(p, run, "No space left on device")
+
+
+@pytest.mark.slow  # a 2-process training launch over gloo
+def test_disk_full_on_two_processes_is_one_line_on_every_rank(tmp_path, shards, small_tmpfs):
+    """Both ranks end with the same line (the launcher then reports the failed children itself);
+    no rank prints a traceback and the previous checkpoint is intact."""
+    run = small_tmpfs / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", shards, run, train={"max_steps": 4})
+    cmd, e = train_cmd(recipe, procs=2, script=(HOOKS_SCRIPT, "--fill-disk-at", "3", "--filler",
+                                                str(small_tmpfs / "filler")))
+    p = subprocess.run(cmd, env=e, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode != 0 and len(errors) == 2 and errors[0] == errors[1], p.stderr[-3000:]
+    assert "no space to write checkpoint step-00000004" in errors[0] and "newest complete one: step-00000002" in errors[0]
+    # The one traceback is the launcher's own report of its failed children (exit code 2 each).
+    assert p.stderr.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in p.stderr, p.stderr[-3000:]
+    assert p.stderr.count("exitcode  : 2") == 2, p.stderr[-3000:]
+    d = run / "checkpoints"
+    assert sorted(x.name for x in d.iterdir()) == ["latest", "step-00000002"] and damage(d / "step-00000002") is None
 
 
 @pytest.mark.slow  # two 2-process training launches over gloo
