@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock quickstart lint test test-fast mutate clean-quickstart
+.PHONY: install lock quickstart quickstart-figure lint test test-fast mutate clean-quickstart
 
 # Every package from the lock (constraints.txt), exact: the venv's own tools, the build tools of
 # the editable install and of deepspeed's sdist (--build-constraint), the test extra, everything
@@ -24,9 +24,13 @@ install: $(STAMP)
 lock:
 	python3 scripts/lock.py $(if $(UPGRADE),--upgrade $(UPGRADE))
 
-# The whole chain on a small real image set on CPU: data_prep -> 2-process training -> eval -> Hub -> back.
+# The whole chain on real handwritten digits on CPU: data_prep -> 2-process training -> eval -> Hub -> back.
 quickstart: install
 	$(PY) -m scripts.quickstart
+
+# The same, and the README's figure (samples beside training digits) replaced by this run's.
+quickstart-figure: install
+	$(PY) -m scripts.quickstart --figure docs/quickstart_digits.png
 
 # pyflakes, import order, unused code (configured in pyproject.toml).
 lint: install

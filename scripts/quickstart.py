@@ -1,11 +1,13 @@
-"""The whole chain on 2 CPU cores, on a small real image set that needs no download:
+"""The whole chain on 2 CPU cores, on real handwritten digits that need no download:
 
-  1. scikit-image's photographs, cut into crops, as an LSUN-style LMDB   (scripts/quickstart_data.py)
-  2. python -m data_prep lsun  -> WebDataset shards + manifest, held-out test split
+  1. scikit-learn's 1,797 digits as an LSUN-style LMDB                   (scripts/quickstart_data.py)
+  2. python -m data_prep lsun  -> 8x8 WebDataset shards + manifest, 197 digits held out
   3. accelerate launch (2 CPU processes) pipeline/train.py recipes/quickstart.yaml
   4. python -m eval fid / nll / figures  (real Inception features, offline weights), and
      python -m eval sweep: FID of the EMA snapshots against training step (it falls: the model learns)
-  5. python -m eval push  -> a Hub server on localhost; download it again and sample from it
+  5. do the samples read as digits? A digit classifier scores them, beside the training digits
+     and pure noise, and scores each snapshot's samples   (scripts/digit_score.py)
+  6. python -m eval push  -> a Hub server on localhost; download it again and sample from it
 
 Each stage is the real command a user would type (printed before it runs); re-running resumes.
 """
@@ -19,11 +21,16 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
+from eval.sample import load_samples, save_grid
 from pipeline import atomic
+from scripts.digit_score import DigitClassifier, print_table, score_table, split_images
 from scripts.hub_server import HubServer
-from scripts.quickstart_data import make_quickstart_lmdb
+from scripts.quickstart_data import DIGITS, make_quickstart_lmdb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,20 +55,20 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
     lmdb_dir, shards, run_dir, ev = out / "lsun_lmdb", out / "shards", out / "run", out / "eval"
     cpu = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
-    stage(f"1/5 data: {images} crops of scikit-image photographs as an LSUN-style LMDB")
+    stage(f"1/6 data: {images} of scikit-learn's handwritten digits as an LSUN-style LMDB")
     n = make_quickstart_lmdb(lmdb_dir, count=images)
     print(f"{lmdb_dir}: {n} WebP images")
 
-    stage("2/5 data_prep: centre crop + antialiased resize to 32x32, WebDataset shards")
-    run([PY, "-m", "data_prep", "lsun", "--lmdb", lmdb_dir, "--out", shards, "--resolution", "32",
+    stage("2/6 data_prep: centre crop + antialiased resize to 8x8, WebDataset shards")
+    run([PY, "-m", "data_prep", "lsun", "--lmdb", lmdb_dir, "--out", shards, "--resolution", "8",
          "--test-count", str(nll_images), "--shard-size", "500", "--workers", "2"])
 
-    stage(f"3/5 train: 2 processes on CPU, {steps} steps (resumes if interrupted)")
+    stage(f"3/6 train: 2 processes on CPU, {steps} steps (resumes if interrupted)")
     overrides = [f"data.shards={shards}", f"run.output_dir={run_dir}", f"train.max_steps={steps}",
                  f"train.snapshot_every={max(1, steps // 4)}"]
     run(ACCELERATE_2CPU + ["pipeline/train.py", "recipes/quickstart.yaml", *overrides], env=cpu)
 
-    stage("4/5 eval: samples + FID (offline Inception), test NLL, Figs. 5/6/8")
+    stage("4/6 eval: samples + FID (offline Inception), test NLL, Figs. 5/6/8")
     run(ACCELERATE_2CPU + ["-m", "eval", "fid", run_dir, "--out", ev, "--num-samples", str(samples),
                             "--reference-count", "1000"], env=cpu)
     run(ACCELERATE_2CPU + ["-m", "eval", "nll", run_dir, "--out", ev], env=cpu)
@@ -72,7 +79,17 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
     print("FID by training step (EMA snapshots): " + ", ".join(f"{r['step']}: {r['fid']:.1f}" for r in sweep["snapshots"])
           + f"; best {sweep['best']['snapshot']}; plot {ev / 'sweep' / 'sweep.png'}")
 
-    stage("5/5 Hub: push to a Hub server on localhost, download into a clean cache, sample from it")
+    stage("5/6 digits: do the samples read as digits? (a classifier fitted on the 1,797 digits)")
+    reader = DigitClassifier()
+    table = score_table(reader, load_samples(ev), str(shards))
+    print_table(table)
+    by_step = {r["step"]: reader.score(load_samples(r["out"])).confident for r in sweep["snapshots"]}
+    print("read as digits, by training step (EMA snapshots): "
+          + ", ".join(f"{step}: {share:.0%}" for step, share in by_step.items()))
+    figure = write_figure(out / "digits.png", load_samples(ev), split_images(str(shards), "train"))
+    print(f"samples (left) beside training digits (right): {figure}")
+
+    stage("6/6 Hub: push to a Hub server on localhost, download into a clean cache, sample from it")
     with HubServer(tokens={"hf_quickstart": "quickstart"}) as srv:
         hub_env = {"HF_ENDPOINT": srv.endpoint, "HF_TOKEN": "hf_quickstart", "HF_HUB_DISABLE_XET": "1",
                    "HF_HOME": str(out / "hf_home")}
@@ -92,6 +109,9 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
         "fid": results["fid"]["metrics"]["fid"],
         "nll_bpd": results["nll"]["metrics"]["bpd"],
         "fid_by_step": {r["step"]: r["fid"] for r in sweep["snapshots"]},
+        "digits": {name: asdict(s) for name, s in table.items()},
+        "digits_by_step": by_step,
+        "figure": str(figure),
         "best_snapshot": sweep["best"]["snapshot"],
         "hub_round_trip_equal": same,
         "minutes": round((time.time() - t0) / 60, 1),
@@ -111,6 +131,18 @@ def _same_weights(run_dir: Path, repo: str, hub_env: dict) -> bool:
     return r.returncode == 0
 
 
+def write_figure(path: Path, samples: np.ndarray, training: np.ndarray, rows: int = 8, zoom: int = 4) -> Path:
+    """Per row, 8 samples, a grey tile, 8 training digits; every image `zoom`x (nearest)."""
+    rows = max(1, min(rows, len(samples) // 8, len(training) // 8))
+    k = rows * 8
+    grey = np.full((rows, 1, *samples.shape[1:]), 128, np.uint8)
+    tiles = np.concatenate([samples[:k].reshape(rows, 8, *samples.shape[1:]), grey,
+                            training[:k].reshape(rows, 8, *training.shape[1:])], axis=1)
+    tiles = tiles.reshape(-1, *samples.shape[1:]).repeat(zoom, axis=1).repeat(zoom, axis=2)
+    save_grid(tiles, path, ncol=17)
+    return path
+
+
 def _newest(folder: Path) -> Path | None:
     files = sorted(folder.glob("*.png"))
     return files[-1] if files else None
@@ -119,16 +151,26 @@ def _newest(folder: Path) -> Path | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "quickstart_out", help="everything goes here")
-    ap.add_argument("--steps", type=int, default=600, help="training steps (global batch 32)")
-    ap.add_argument("--images", type=int, default=2000, help="images in the LSUN-style LMDB")
-    ap.add_argument("--samples", type=int, default=128, help="samples for FID")
-    ap.add_argument("--nll-images", type=int, default=64, help="held-out test images (NLL)")
+    ap.add_argument("--steps", type=int, default=1500, help="training steps (global batch 64)")
+    ap.add_argument("--images", type=int, default=DIGITS, help=f"digits in the LSUN-style LMDB (at most {DIGITS})")
+    ap.add_argument("--samples", type=int, default=256, help="samples for FID and the digit scores")
+    ap.add_argument("--nll-images", type=int, default=197, help="held-out test digits (NLL)")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="also copy the samples-beside-training-digits figure here (the README's: "
+                    "docs/quickstart_digits.png, `make quickstart-figure`)")
     args = ap.parse_args()
     try:
         s = quickstart(args.out, args.steps, args.images, args.samples, args.nll_images)
     except subprocess.CalledProcessError as e:
         sys.exit(f"quickstart: a stage failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}")
+    if args.figure:
+        atomic.write_bytes(args.figure, Path(s["figure"]).read_bytes())
+    d = s["digits"]
     print(f"\n\033[1mDone in {s['minutes']} min.\033[0m")
+    print(f"  read as digits  : {d['samples']['confident']:.0%} of {d['samples']['images']} samples "
+          f"(training digits {d['training images']['confident']:.0%}, noise {d['noise']['confident']:.0%}); "
+          f"class entropy {d['samples']['entropy']:.2f} of 1")
+    print(f"  samples, digits : {s['figure']}")
     print(f"  EMA sample grid : {s['sample_grid']}")
     print(f"  samples from Hub: {s['hub_samples']}")
     print(f"  metrics         : {s['results']}  (FID {s['fid']:.1f} on {args.samples} samples, "

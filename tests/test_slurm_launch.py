@@ -247,7 +247,7 @@ def test_launch_cli_errors_are_one_line(monkeypatch, tmp_path, capsys, argv, env
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("slurm-cli") / "shards", n_train=8, n_test=2)
+    return make_shards(tmp_path_factory.mktemp("slurm-cli") / "shards", n_train=8, n_test=2, resolution=8)
 
 
 @pytest.mark.parametrize("text, minutes", [("00:10:00", 10), ("48:00:00", 2880), ("90", 90), ("1:30", 2),
