@@ -17,12 +17,12 @@ square is "a 4" with p = 1), and noise would count as confident digits.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import run_cli
 from scripts.quickstart_data import MARGIN, SIDE, draw, load_digits
 
 CONFIDENT = 0.9
@@ -114,16 +114,17 @@ def main(argv=None) -> int:
     ap.add_argument("--shards", default=None, help="the quickstart's shards: score their train and test "
                     "images too")
     ap.add_argument("--json", default=None, help="also write the table here")
-    args = ap.parse_args(argv)
+    return run_cli(_score, ap.parse_args(argv))
+
+
+def _score(args) -> None:
     from eval.sample import load_samples
+    from pipeline import atomic
 
     rows = score_table(DigitClassifier(), load_samples(args.samples), args.shards)
     print_table(rows)
     if args.json:
-        from pipeline import atomic
-
         atomic.write_json(args.json, {k: asdict(v) for k, v in rows.items()})
-    return 0
 
 
 if __name__ == "__main__":
