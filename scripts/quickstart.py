@@ -65,7 +65,7 @@ def quickstart(out: Path, steps: int, images: int, samples: int, nll_images: int
 
     stage(f"3/6 train: 2 processes on CPU, {steps} steps (resumes if interrupted)")
     overrides = [f"data.shards={shards}", f"run.output_dir={run_dir}", f"train.max_steps={steps}",
-                 f"train.snapshot_every={max(1, steps // 4)}"]
+                 f"train.snapshot_every={max(1, steps // 4)}", f"train.sample_every={max(1, steps // 3)}"]
     run(ACCELERATE_2CPU + ["pipeline/train.py", "recipes/quickstart.yaml", *overrides], env=cpu)
 
     stage("4/6 eval: samples + FID (offline Inception), test NLL, Figs. 5/6/8")

@@ -62,7 +62,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm2")
-    make_shards(d / "shards", n_train=32, n_test=4, resolution=8)  # recipes/quickstart.yaml: 8x8
+    make_shards(d / "shards", n_train=32, n_test=4)
     return d
 
 
