@@ -1,7 +1,7 @@
 """Do the samples read as digits? A measure of "learned" for the quickstart, beside FID.
 
 A classifier fitted on scikit-learn's digits (an RBF support-vector machine with calibrated
-probabilities, 99% accurate on held-out digits) reads each image at 8x8 in grey, as the digits
+probabilities, about 99% accurate on held-out digits) reads each image at 8x8 in grey, as the digits
 were scanned. It reports two figures, also computed for the ends of the scale. The real digits
 score high: the training and held-out images from the shards. Pure noise scores low. The figures:
   confident  the share of images classified with probability >= 0.9 that are also no farther from
@@ -32,7 +32,7 @@ NEAR_PERCENTILE = 99.5
 @dataclass
 class Score:
     images: int
-    confident: float  # share with max class probability >= CONFIDENT
+    confident: float  # share with max class probability >= CONFIDENT and near a real digit
     entropy: float  # of the argmax histogram, / log(10)
     histogram: list[int]
 

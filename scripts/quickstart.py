@@ -159,6 +159,8 @@ def main() -> None:
                     help="also copy the samples-beside-training-digits figure here (the README's: "
                     "docs/quickstart_digits.png, `make quickstart-figure`)")
     args = ap.parse_args()
+    if not 0 < args.images <= DIGITS:
+        ap.error(f"--images must be 1..{DIGITS}, got {args.images}")
     try:
         s = quickstart(args.out, args.steps, args.images, args.samples, args.nll_images)
     except subprocess.CalledProcessError as e:

@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("out", help="LMDB folder to write")
     ap.add_argument("--count", type=int, default=DIGITS, help=f"how many of the {DIGITS} digits")
     args = ap.parse_args()
+    if not 0 < args.count <= DIGITS:
+        ap.error(f"--count must be 1..{DIGITS}, got {args.count}")
     n = make_quickstart_lmdb(args.out, args.count)
     print(f"{args.out}: {n} images")
 
