@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -308,7 +309,10 @@ def test_disk_full_on_two_processes_is_one_line_on_every_rank(tmp_path, shards, 
     assert "no space to write checkpoint step-00000004" in errors[0] and "newest complete one: step-00000002" in errors[0]
     # The one traceback is the launcher's own report of its failed children (exit code 2 each).
     assert p.stderr.count("Traceback (most recent call last)") == 1 and "ChildFailedError" in p.stderr, p.stderr[-3000:]
-    assert p.stderr.count("exitcode  : 2") == 2, p.stderr[-3000:]
+    # Each child exits 2, unless the launcher's SIGTERM reached it first: torchrun stops the other
+    # workers as soon as one has exited, and that race is the launcher's, after both lines.
+    codes = re.findall(r"exitcode  : (-?\d+)", p.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, p.stderr[-3000:]
     d = run / "checkpoints"
     assert sorted(x.name for x in d.iterdir()) == ["latest", "step-00000002"] and damage(d / "step-00000002") is None
 
