@@ -143,6 +143,18 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self._asked_to_save = False
         self._started = time.time()
 
+    @property
+    def is_training(self) -> bool:
+        return not self.spec.program
+
+    @property
+    def what(self) -> str:  # for the log lines: "training", or "eval sample" for an --eval job
+        return "training" if self.is_training else f"eval {self.spec.program[2]}"
+
+    def _newest(self) -> str:
+        """"; newest checkpoint: X" for a training job; an eval job writes no checkpoints."""
+        return f"; newest checkpoint: {_latest(self.spec.output_dir)}" if self.is_training else ""
+
     def __getstate__(self):  # the requeued submission pickles only the spec
         return {"spec": self.spec}
 
@@ -166,7 +178,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         node_id = os.environ.get("SLURM_NODEID", "0")
         exact = Path(s.job_dir) / f"{job_env.job_id}_node{node_id}_launch.sh"
         exact.write_text(f"cd {s.workdir}\n{format_command(cmd)}\n")
-        log(f"{job_env}; start {count + 1} (requeues so far: {count}); resuming from: {_latest(s.output_dir)}")
+        log(f"{job_env}; start {count + 1} (requeues so far: {count})"
+            + (f"; resuming from: {_latest(s.output_dir)}" if self.is_training else ""))
         log(f"launch: {format_command(cmd)}")
 
         prev_usr2 = signal.getsignal(signal.SIGUSR2)
@@ -184,7 +197,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
             signal.signal(signal.SIGUSR2, prev_usr2)
             signal.signal(signal.SIGTERM, prev_term)
         if rc == 0:
-            log(f"training finished; newest checkpoint: {_latest(s.output_dir)}")
+            log(f"{self.what} finished{self._newest()}")
             return {"output_dir": s.output_dir, "checkpoint": str(_latest(s.output_dir))}
         if self._terminated or self._asked_to_save:
             # SIGTERM: `scontrol requeue` (Slurm requeues us) or scancel; or, on a node other than
@@ -194,11 +207,11 @@ class TrainingJob(submitit.helpers.Checkpointable):
             if job_env.global_rank == 0 and self._terminated:  # count each interruption once
                 n = record_requeue(s.job_dir, "terminated (SIGTERM: scontrol requeue or cancel)", job_env.job_id)
                 log(f"interruptions so far: {n}")
-            log(f"training stopped after {why} (exit {rc}); newest checkpoint: {_latest(s.output_dir)}")
+            log(f"{self.what} stopped after {why} (exit {rc}){self._newest()}")
             sys.exit(EXIT_REQUEUE)
         # Accelerate's launchers exit 1 whenever a process fails (training's 75 included), so
         # the signals we saw, not the exit code, tell an interruption from a failure.
-        raise RuntimeError(f"training failed with exit code {rc} (command in {exact})")
+        raise RuntimeError(f"{self.what} failed with exit code {rc} (command in {exact})")
 
     def _wait(self, timeout: float | None) -> int | None:
         # Poll rather than block in wait(): a blocking wait holds Popen's lock, and the signal
@@ -212,7 +225,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
 
     def _on_sigterm(self, _signum, _frame) -> None:
         self._terminated = True
-        log("SIGTERM (scontrol requeue, cancel or the end of a grace time): training saves and exits")
+        log(f"SIGTERM (scontrol requeue, cancel or the end of a grace time): {self.what} saves and exits")
 
     def _on_usr2(self, signum, frame, prev) -> None:
         # Every node tells its own training processes to save; only rank 0 then requeues.
@@ -233,7 +246,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         end = float(end) if end else (self._started + s.time_limit_s if s.time_limit_s else None)
         kind = interruption_kind(time.time(), end, s.signal_delay_s)
         job_id = submitit.JobEnvironment().job_id
-        log(f"{kind} signal: asking training to save after its current step")
+        log(f"{kind} signal: asking {self.what} to save after its current step")
         # Ask again every few seconds: a signal that comes while training is still starting
         # (before its handler is installed) is ignored by it.
         deadline = time.monotonic() + s.save_timeout_s
@@ -241,15 +254,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
         while rc is None and time.monotonic() < deadline:
             self._ask_to_save()
             rc = self._wait(min(5.0, max(0.0, deadline - time.monotonic())))
-        saved = _latest(s.output_dir)
         if rc == 0:  # training exits 75 when stopped early; 0 only when it reached max_steps
-            log(f"training finished before it could be stopped; newest checkpoint: {saved}")
+            log(f"{self.what} finished before it could be stopped{self._newest()}")
             raise _TrainingFinished()
         n = record_requeue(s.job_dir, kind, job_id)
         if rc is None:
-            log(f"training did not exit within {s.save_timeout_s}s; requeueing anyway (newest: {saved})")
+            log(f"{self.what} did not exit within {s.save_timeout_s}s; requeueing anyway{self._newest()}")
         else:
-            log(f"training exited with {rc}; newest checkpoint: {saved}")
+            log(f"{self.what} exited with {rc}{self._newest()}")
         if n > s.max_requeues:
             log(f"requeue cap reached ({n} > {s.max_requeues}): not requeueing")
             return None

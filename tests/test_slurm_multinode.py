@@ -133,6 +133,8 @@ def test_two_node_job_preempted_requeues_and_resumes_bitwise(cluster, workdir, r
     info = wait_done(cluster, job_id, job_dir)
     logs = [log_text(job_dir, job_id, task) for task in (0, 1)]
     assert "hostname=ddpm-node1" in logs[0] and "hostname=ddpm-node2" in logs[1]
+    # An eval job writes no checkpoints: its log lines name the eval command and no "newest checkpoint".
+    assert "eval fid finished" in logs[0] and "newest checkpoint" not in logs[0] + logs[1], logs[0][-3000:]
     assert int(info["Restarts"]) >= 1
     assert "preemption signal: asking training to save" in logs[0], logs[0][-3000:]
     # Node 2 asked its own processes to save: they stopped cleanly (its SIGUSR2, or rank 0's requeue's
@@ -177,6 +179,8 @@ def test_eval_across_two_nodes_gives_the_same_fid(cluster, workdir, reference, i
     two, two_samples, logs = fid_job(cluster, workdir, reference, "fid2", 2, inception)
     one, one_samples, _ = fid_job(cluster, workdir, reference, "fid1", 1, inception)
     assert "hostname=ddpm-node1" in logs[0] and "hostname=ddpm-node2" in logs[1]
+    # An eval job writes no checkpoints: its log lines name the eval command and no "newest checkpoint".
+    assert "eval fid finished" in logs[0] and "newest checkpoint" not in logs[0] + logs[1], logs[0][-3000:]
     # Each node drew one of the two chunks and extracted half of the features (rank 0 reports its share).
     assert two_samples["processes"] == 2 and "sampling [0]" in logs[0] and "sampling [1]" in logs[1]
     assert re.search(r"reference features \(train\): 100%.* 2/2", logs[0]) and re.search(r"sample features: 100%.* 1/1", logs[0])
