@@ -152,7 +152,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return "training" if self.is_training else f"eval {self.spec.program[2]}"
 
     def _newest(self) -> str:
-        """"; newest checkpoint: X" for a training job; an eval job writes no checkpoints."""
+        """The log line's "; newest checkpoint: X" for training; an eval job writes no checkpoints."""
         return f"; newest checkpoint: {_latest(self.spec.output_dir)}" if self.is_training else ""
 
     def __getstate__(self):  # the requeued submission pickles only the spec
