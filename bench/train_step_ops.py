@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     # Step time: both layouts built once, stepped in alternating pairs (the load drifts alike).
     glob = Trainer(shards, tmp / "tg", **LAYOUTS["global, 8 micro-batches of 2"])
     rep = Trainer(shards, tmp / "tr", **LAYOUTS["replica, 8 micro-batches of 2"])
-    ratios = []
+    ratios, step_s = [], {"global": [], "replica": []}
     for i in range(args.pairs + 1):
         times = []
         for t in (glob, rep) if i % 2 else (rep, glob):
@@ -125,9 +125,12 @@ def main(argv=None) -> int:
         if i:  # the first pair warms up
             g, r = (times[0], times[1]) if i % 2 else (times[1], times[0])
             ratios.append(r / g)
+            step_s["global"].append(g)
+            step_s["replica"].append(r)
     ratios.sort()
     print(f"replica / global step time (8 x 2, median of {len(ratios)} pairs): {statistics.median(ratios):.3f}x "
-          f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}; goal within 3%)")
+          f"(range {ratios[0]:.3f}-{ratios[-1]:.3f}; goal within 3%); median step: "
+          + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in step_s.items()))
     return 0
 
 

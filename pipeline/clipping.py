@@ -53,14 +53,15 @@ def replica_micro_batch(tc: TrainConfig, world: int) -> Optional[int]:
 class ReplicaClipper:
     """Clip each replica's gradient as the original clipped each core's, then sum (see above).
 
-    `take()` after each micro-step's backward (p.grad holds that replica's gradient divided by
-    the accumulation steps, Accelerate's scaling), `finish()` before the optimizer step.
+    `begin()` before a step's first backward, `take()` after each micro-step's backward (p.grad
+    holds that replica's gradient divided by the accumulation steps, Accelerate's scaling),
+    `finish()` before the optimizer step.
 
-    Cost: a handful of foreach kernels per micro-step (one norm over all tensors, one scale, one
-    add), never a per-tensor loop or a flatten on one process; the first replica's gradient
-    tensors become the buffer. Across processes, `finish()` sums the buffers in buckets of
-    `bucket_mb` with asynchronous all-reduces, so one bucket's transfer overlaps the next one's
-    packing. No host sync: the returned norm stays on the device until someone logs it."""
+    Cost per micro-step: one norm over all tensors, then the replica's share added into the
+    buffer, never a Python per-tensor loop or a flatten on one process. Across processes,
+    `finish()` sums the buffers in buckets of `bucket_mb` with asynchronous all-reduces, so one
+    bucket's transfer overlaps the next one's packing. No host sync: the returned norm stays on
+    the device until someone logs it."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], max_norm: float, world: int, replicas: int,
                  bucket_mb: float = 25.0):
@@ -68,25 +69,67 @@ class ReplicaClipper:
         self.max_norm, self.world, self.replicas = float(max_norm), world, replicas
         self.bucket_bytes = int(bucket_mb * 2 ** 20)
         self.buf: Optional[list[torch.Tensor]] = None
+        self.weight: Optional[torch.Tensor] = None  # off CUDA: the sum so far is weight * buf
         self.norm_sum: Optional[torch.Tensor] = None
+        # Off CUDA, two sets of tensors that take turns as the buffer and as p.grad (see _add_host).
+        self.grad_set: Optional[list[torch.Tensor]] = None
+        self.other_set: Optional[list[torch.Tensor]] = None
 
     def begin(self) -> None:
-        self.buf, self.norm_sum = None, None
+        self.buf, self.weight, self.norm_sum = None, None, None
+        if self.grad_set is not None:  # zeroed by the last take(): the first backward adds into it
+            for p, g in zip(self.params, self.grad_set):
+                p.grad = g
 
     @torch.no_grad()
     def take(self) -> None:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         # p.grad = g_k / accum, so ||g_k|| = ||p.grad|| * accum, accum = replicas / world.
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) * (self.replicas / self.world)
+        self.norm_sum = norm if self.norm_sum is None else self.norm_sum + norm
         # This replica's share of the mean, clip(g_k, c) / N = clip_factor * p.grad / world.
-        torch._foreach_mul_(grads, clip_factor(norm, self.max_norm) / self.world)
+        share = clip_factor(norm, self.max_norm) / self.world
+        if grads[0].is_cuda:
+            self._add_cuda(grads, share)
+        else:
+            self._add_host(grads, share)
+
+    def _add_cuda(self, grads: list[torch.Tensor], share: torch.Tensor) -> None:
+        """Scale and add: two multi-tensor kernels. The next backward writes fresh tensors, which
+        the caching allocator hands out for free, instead of adding into the buffer."""
+        torch._foreach_mul_(grads, share)
         if self.buf is None:
             self.buf = grads  # the first replica's tensors are the buffer: no copy
         else:
             torch._foreach_add_(self.buf, grads)
-        self.norm_sum = norm if self.norm_sum is None else self.norm_sum + norm
         for p in self.params:
-            p.grad = None  # the next backward writes fresh tensors instead of adding into the buffer
+            p.grad = None
+
+    def _add_host(self, grads: list[torch.Tensor], share: torch.Tensor) -> None:
+        """Off CUDA a foreach op is a per-tensor loop, each pass over the gradients costs memory
+        traffic, and fresh gradient tensors are fresh pages from the OS (faulting them in costs
+        about 8 passes). So the buffer holds the shares' weighted mean (sum = weight * buf), which
+        one lerp per tensor updates (3 passes, where a scale and an add make 5); and two sets of
+        tensors take turns as the buffer and as p.grad, zeroed after each take() so that the
+        next backward adds into them in place, as global clipping's accumulation does. The price:
+        both sets stay allocated between steps, one gradient's size more than global holds."""
+        if self.buf is None:
+            # This step's first replica: its tensors become the buffer, and the other set (the
+            # last step's buffer, which the optimizer has used) becomes the gradients.
+            self.buf, self.weight = grads, share
+            grads, self.other_set = self.other_set, grads
+            if grads is None:  # the very first step: the next backward writes fresh tensors
+                for p in self.params:
+                    p.grad = None
+                return
+        else:
+            # weight' * buf' = weight * buf + share * grads, with buf' = lerp(buf, grads, share / weight')
+            self.weight = self.weight + share
+            torch._foreach_lerp_(self.buf, grads, [share / self.weight] * len(grads))
+        torch._foreach_zero_(grads)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        self.grad_set = grads
 
     @torch.no_grad()
     def finish(self) -> torch.Tensor:
@@ -94,11 +137,13 @@ class ReplicaClipper:
         returns the mean pre-clip norm ||g_k|| over the replicas (a 0-dim tensor, not read)."""
         assert self.buf is not None, "ReplicaClipper.finish() before any take()"
         norm_sum = self.norm_sum.reshape(1)
+        if self.weight is not None:
+            torch._foreach_mul_(self.buf, self.weight)
         if self.world > 1:
             self._all_reduce_sum(self.buf + [norm_sum])
         for p, b in zip(self.params, self.buf):
             p.grad = b  # autograd's own tensor, in the parameter's layout (channels_last on CUDA)
-        self.begin()
+        self.buf, self.weight, self.norm_sum = None, None, None
         return norm_sum[0] / self.replicas
 
     def _all_reduce_sum(self, tensors: list[torch.Tensor]) -> None:

@@ -13,17 +13,12 @@ from pipeline import checkpoint as ck
 from pipeline.clipping import ReplicaClipper, clip_factor, make_clipper, replica_micro_batch
 from pipeline.config import RecipeError, TrainConfig, load_recipe
 from pipeline.trainer import train
-from support.training import assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
+from support.training import assert_bitwise_equal, assert_same_trajectory, make_tiny_shards, run_train, weights, write_recipe
 
 
-def test_clipper_is_the_mean_of_per_core_clipped_gradients():
-    """Accelerate leaves g_k / accum in p.grad; the original's core k contributes
-    clip(g_k / N, c / N) (CrossShardOptimizer's 1/N loss scaling, run_training's grad_clip / N),
-    and the contributions are summed (cross_replica_sum): mean_k clip(g_k, c)."""
-    torch.manual_seed(0)
-    net = torch.nn.Linear(5, 3)
-    xs = [torch.randn(4, 5) * s for s in (0.1, 1.0, 10.0, 3.0)]  # some cores under c, some over
-    N, c = len(xs), 0.5
+def _original(net, xs, c):
+    """The original's update for one step, core k fed xs[k]: sum_k clip(g_k / N, c / N); and ||g_k||."""
+    N = len(xs)
     want = [torch.zeros_like(p) for p in net.parameters()]
     norms = []
     for x in xs:
@@ -33,6 +28,20 @@ def test_clipper_is_the_mean_of_per_core_clipped_gradients():
         norms.append(n * N)  # ||g_k||
         f = (c / N) / max(n.item(), c / N)  # tf.clip_by_global_norm(grads, grad_clip / N)
         want = [w + gi * f for w, gi in zip(want, g)]
+    return want, torch.stack(norms)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_clipper_is_the_mean_of_per_core_clipped_gradients(device):
+    """Accelerate leaves g_k / accum in p.grad; the original's core k contributes
+    clip(g_k / N, c / N) (CrossShardOptimizer's 1/N loss scaling, run_training's grad_clip / N),
+    and the contributions are summed (cross_replica_sum): mean_k clip(g_k, c).
+    The clipper adds the shares one way on CUDA and another off it: both are checked."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(5, 3).to(device)
+    xs = [torch.randn(4, 5, device=device) * s for s in (0.1, 1.0, 10.0, 3.0)]  # some cores under c, some over
+    N, c = len(xs), 0.5
+    want, norms = _original(net, xs, c)
     assert min(norms) < c < max(norms)
     # the same, said as "each core's gradient clipped to norm c, then averaged"
     mean_clipped = [torch.zeros_like(p) for p in net.parameters()]
@@ -41,16 +50,25 @@ def test_clipper_is_the_mean_of_per_core_clipped_gradients():
         mean_clipped = [m + gi * (c / max(n.item(), c)) / N for m, gi in zip(mean_clipped, g)]
     for w, m in zip(want, mean_clipped):
         torch.testing.assert_close(w, m, rtol=1e-6, atol=1e-8)
-    clipper = ReplicaClipper(net.parameters(), c, world=1, replicas=N)
-    clipper.begin()
-    for x in xs:
-        (net(x).pow(2).mean() / N).backward()  # accumulation over N micro-steps on one process
-        clipper.take()
-    mean_norm = clipper.finish()
-    for p, w in zip(net.parameters(), want):
-        torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
-    assert abs(mean_norm - float(torch.stack(norms).mean())) < 1e-6
     assert float(clip_factor(torch.tensor(0.1), 1.0)) == 1.0 and float(clip_factor(torch.tensor(4.0), 1.0)) == 0.25
+
+    # Steps as the trainer takes them: the optimizer sets p.grad to None after each, and step 1
+    # is dropped before finish() (a non-finite loss). Off CUDA the clipper's tensors take turns
+    # from step to step: none may carry one step's gradient into another.
+    clipper = ReplicaClipper(net.parameters(), c, world=1, replicas=N)
+    for step in range(4):
+        batch = [x * (1 + step) for x in xs]
+        clipper.begin()
+        for x in batch:
+            (net(x).pow(2).mean() / N).backward()  # accumulation over N micro-steps on one process
+            clipper.take()
+        if step != 1:
+            mean_norm = clipper.finish()
+            want, norms = _original(net, batch, c)
+            for p, w in zip(net.parameters(), want):
+                torch.testing.assert_close(p.grad, w, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(mean_norm, norms.mean(), rtol=1e-6, atol=1e-7)
+        net.zero_grad(set_to_none=True)
 
 
 def test_layout_and_refusals():
@@ -109,6 +127,18 @@ def test_replica_equals_global_without_clipping_and_differs_with_it(tmp_path, sh
     c = _train(tmp_path, shards, "g_small", grad_clip=1e-4)
     d = _train(tmp_path, shards, "r_small", grad_clip=1e-4, clip_scope="replica", clip_replicas=2)
     assert max((c[k] - d[k]).abs().max().item() for k in c) > 1e-4
+
+
+def test_replica_scope_resume_is_bitwise_exact(tmp_path, shards):
+    """Off CUDA the clipper's tensors carry over from step to step (ReplicaClipper._add_host):
+    a run stopped at step 2 and resumed (fresh tensors) ends bitwise equal to one that was not."""
+    clipped = dict(grad_clip=1e-4, clip_scope="replica", clip_replicas=2, checkpoint_every=2)
+    whole = _train(tmp_path, shards, "whole", max_steps=4, **clipped)
+    _train(tmp_path, shards, "halves", max_steps=2, **clipped)
+    assert ck.latest_checkpoint(tmp_path / "halves").name == "step-00000002"
+    halves = _train(tmp_path, shards, "halves", max_steps=4, **clipped)
+    assert ck.latest_checkpoint(tmp_path / "halves").name == "step-00000004"
+    assert_bitwise_equal(halves, whole)
 
 
 @pytest.mark.slow
