@@ -122,13 +122,13 @@ class ReplicaClipper:
                 for p in self.params:
                     p.grad = None
                 return
+            for p, g in zip(self.params, grads):
+                p.grad = g
         else:
             # weight' * buf' = weight * buf + share * grads, with buf' = lerp(buf, grads, share / weight')
             self.weight = self.weight + share
             torch._foreach_lerp_(self.buf, grads, [share / self.weight] * len(grads))
-        torch._foreach_zero_(grads)
-        for p, g in zip(self.params, grads):
-            p.grad = g
+        torch._foreach_zero_(grads)  # already p.grad: the next backward adds into them
         self.grad_set = grads
 
     @torch.no_grad()
